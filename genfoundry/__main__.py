@@ -1,0 +1,5 @@
+import sys
+
+from genfoundry.cli import main
+
+sys.exit(main())

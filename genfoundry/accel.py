@@ -1,0 +1,127 @@
+"""Which accelerator and communication backend to use, from what torch reports; rank/world helpers.
+
+This is the one place that names device types. A new backend is one line in BACKENDS.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# device type -> torch.distributed backend
+BACKENDS = {
+    "cuda": "nccl",
+    "npu": "hccl",
+    "xpu": "xccl",
+    "hpu": "hccl",
+    "mps": "gloo",
+    "cpu": "gloo",
+}
+
+# Dense bf16/fp16 matrix peak in FLOP/s by device name, from vendor datasheets (no sparsity).
+PEAK_FLOPS = {
+    "NVIDIA H200": 989e12,
+    "NVIDIA H100 80GB HBM3": 989e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+}
+
+
+def accelerator_type() -> str:
+    """'cuda', 'npu', 'xpu', 'mps', ... as torch reports it, or 'cpu' when none is present."""
+    if hasattr(torch, "accelerator") and torch.accelerator.is_available():
+        return torch.accelerator.current_accelerator().type
+    return "cpu"
+
+
+def get_device(requested: str = "auto") -> torch.device:
+    if requested == "auto":
+        kind = accelerator_type()
+        if kind == "cpu":
+            return torch.device("cpu")
+        return torch.device(kind, local_rank() % max(1, torch.accelerator.device_count()))
+    try:
+        device = torch.device(requested)
+    except RuntimeError as e:
+        raise ValueError(f"run.device '{requested}' is not a device torch knows: {e}") from None
+    if device.type != "cpu" and device.type != accelerator_type():
+        raise ValueError(f"run.device '{requested}' is not available here; this machine has '{accelerator_type()}'")
+    return device
+
+
+def comm_backend(device: torch.device) -> str:
+    return BACKENDS.get(device.type, "gloo")
+
+
+def device_module(device: torch.device):
+    """torch.cuda, torch.xpu, ... for accelerator-specific calls, or None on CPU."""
+    return None if device.type == "cpu" else getattr(torch, device.type, None)
+
+
+def synchronize(device: torch.device) -> None:
+    mod = device_module(device)
+    if mod is not None and hasattr(mod, "synchronize"):
+        mod.synchronize(device)
+
+
+def max_memory_allocated(device: torch.device) -> int | None:
+    """Peak bytes allocated on the accelerator since the last reset, or None where unknown (CPU)."""
+    mod = device_module(device)
+    if mod is not None and hasattr(mod, "max_memory_allocated"):
+        return mod.max_memory_allocated(device)
+    return None
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    mod = device_module(device)
+    if mod is not None and hasattr(mod, "reset_peak_memory_stats"):
+        mod.reset_peak_memory_stats(device)
+
+
+def device_name(device: torch.device) -> str:
+    mod = device_module(device)
+    if mod is not None and hasattr(mod, "get_device_name"):
+        return mod.get_device_name(device)
+    return device.type
+
+
+def peak_flops(device: torch.device, precision: str) -> float | None:
+    """Datasheet dense matrix peak for bf16/fp16 on a known accelerator; None where we do not know it."""
+    if precision not in ("bf16", "fp16"):
+        return None
+    return PEAK_FLOPS.get(device_name(device))
+
+
+
+def rng_states(device: torch.device) -> dict:
+    """Global RNG states of the host and, where present, the accelerator."""
+    states = {"cpu": torch.get_rng_state()}
+    mod = device_module(device)
+    if mod is not None and hasattr(mod, "get_rng_state"):
+        states[device.type] = mod.get_rng_state(device)
+    return states
+
+
+def set_rng_states(device: torch.device, states: dict) -> None:
+    torch.set_rng_state(states["cpu"])
+    mod = device_module(device)
+    if mod is not None and device.type in states:
+        mod.set_rng_state(states[device.type], device)
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", 0))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_main_process() -> bool:
+    return rank() == 0

@@ -1,0 +1,287 @@
+"""Typed configuration: one dataclass per component, TOML recipes, `--section.key=value` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+FORMAT_VERSION = 1
+
+
+class ConfigError(ValueError):
+    """A user mistake in a recipe or an override; the message is one line a user understands."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"            # run directory name under `root`
+    root: str = "runs"           # parent directory of run directories
+    seed: int = 0                # seeds data order, noise, time sampling and initialisation
+    device: str = "auto"         # 'auto' picks the accelerator torch reports, else e.g. 'cpu', 'cuda:1'
+    threads: int = 0             # CPU threads for torch; 0 leaves torch's default
+
+
+@dataclass
+class DataConfig:
+    source: str = "mnist"        # 'mnist', 'fashion-mnist' or a path to an image folder
+    split: str = "train"         # split used for training
+    val_split: str = "test"      # split the fixed validation batch is drawn from
+    resolution: int = 64         # image side for folder sources (MNIST-like sources are 28)
+    channels: int = 3            # 1 or 3, for folder sources
+    hflip: bool = False          # random horizontal flips (off for digits)
+
+    def __post_init__(self):
+        if self.channels not in (1, 3):
+            raise ConfigError(f"data.channels must be 1 or 3, got {self.channels}")
+        if self.resolution < 8:
+            raise ConfigError(f"data.resolution must be at least 8, got {self.resolution}")
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "DiT-T/4"      # key of genfoundry.models.MODELS
+    class_dropout: float = 0.1   # probability of dropping the label (classifier-free guidance)
+
+    def __post_init__(self):
+        if not 0.0 <= self.class_dropout < 1.0:
+            raise ConfigError(f"model.class_dropout must be in [0, 1), got {self.class_dropout}")
+
+
+@dataclass
+class DiffusionConfig:
+    time_sampling: str = "logit-normal"  # key of genfoundry.diffusion.TIME_SAMPLERS
+    logit_mean: float = 0.0              # logit-normal location
+    logit_std: float = 1.0               # logit-normal scale
+    loss_weighting: str = "uniform"      # key of genfoundry.diffusion.LOSS_WEIGHTINGS
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 128           # images per optimizer step
+    steps: int = 1000               # total optimizer steps
+    lr: float = 1e-3                # peak learning rate
+    warmup_steps: int = 100         # linear warm-up from 0 to lr
+    weight_decay: float = 0.0       # AdamW decoupled weight decay
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0          # max global gradient norm; 0 disables clipping
+    ema_halflife_kimg: float = 10.0  # EMA half-life in thousands of images
+    ema_rampup: float = 0.5         # half-life is at most this fraction of images seen; 0 disables
+    precision: str = "fp32"         # fp32 | bf16 | fp16 (fp16 uses a dynamic loss scaler)
+    loss_scale_init: float = 2.0**16  # fp16 only
+    loss_scale_growth_interval: int = 1000  # fp16: steps without overflow before the scale doubles
+    log_every: int = 50             # steps between metric reports
+    val_every: int = 200            # steps between fixed-noise validation losses
+    val_batch_size: int = 256       # held-out images in the fixed validation batch
+    sample_every: int = 500         # steps between sample grids (0 disables)
+    checkpoint_every: int = 500     # steps between checkpoints (0 disables)
+    keep_checkpoints: int = 2       # newest checkpoints kept on disk
+
+    def __post_init__(self):
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"train.precision must be fp32, bf16 or fp16, got '{self.precision}'")
+        for name in ("batch_size", "steps", "log_every", "val_batch_size", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be positive, got {self.lr}")
+
+
+@dataclass
+class SampleConfig:
+    sampler: str = "heun"        # euler | heun
+    steps: int = 16              # ODE steps (heun uses 2 network evaluations per step but the last)
+    cfg_scale: float = 1.5       # classifier-free guidance weight; 1 disables guidance
+    per_class: int = 8           # images per class in a grid
+    batch_size: int = 256        # images per network call
+    seed: int = 0                # base seed; image i uses noise from (seed, i)
+
+    def __post_init__(self):
+        if self.sampler not in ("euler", "heun"):
+            raise ConfigError(f"sample.sampler must be euler or heun, got '{self.sampler}'")
+        if self.steps < 1:
+            raise ConfigError(f"sample.steps must be at least 1, got {self.steps}")
+
+
+@dataclass
+class EvalConfig:
+    num_samples: int = 1000      # generated images scored by FID/KID
+    reference: str = ""          # reference dataset; empty means the training source
+    split: str = "train"         # reference split
+    kid_subset_size: int = 1000  # KID subset size (clipped to the set sizes)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# Sections whose values change what is trained; a resumed run must match on these.
+TRAINING_SECTIONS = ("data", "model", "diffusion")
+TRAINING_KEYS = ("batch_size", "lr", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip",
+                 "ema_halflife_kimg", "ema_rampup", "precision")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict, base: Config | None = None) -> Config:
+    """Builds a Config from nested dicts, checking every key and coercing every value."""
+    cfg = base or Config()
+    flat = {}
+    for section, values in data.items():
+        if section == "format_version":
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"'{section}' must be a [section] table")
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = value
+    return apply_overrides(cfg, flat)
+
+
+def _section_fields(cfg: Config) -> dict[str, dict[str, dataclasses.Field]]:
+    return {f.name: {g.name: g for g in dataclasses.fields(getattr(cfg, f.name))} for f in dataclasses.fields(cfg)}
+
+
+def _coerce(dotted: str, value, annotation):
+    kind = {"int": int, "float": float, "str": str, "bool": bool}[annotation] if isinstance(annotation, str) else annotation
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{dotted} must be true or false, got '{value}'")
+    if kind is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{dotted} must be an integer, got '{value}'")
+        try:
+            as_float = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{dotted} must be an integer, got '{value}'") from None
+        if not as_float.is_integer():
+            raise ConfigError(f"{dotted} must be an integer, got '{value}'")
+        return int(as_float)
+    if kind is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{dotted} must be a number, got '{value}'") from None
+    return str(value)
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, object]) -> Config:
+    """Returns a new Config with `{'section.key': value}` applied; values may be strings from the CLI."""
+    sections = _section_fields(cfg)
+    valid = [f"{s}.{k}" for s, keys in sections.items() for k in keys]
+    data = to_dict(cfg)
+    for dotted, value in overrides.items():
+        section, _, key = dotted.partition(".")
+        if section not in sections or key not in sections[section]:
+            close = difflib.get_close_matches(dotted, valid, n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown config key '{dotted}'{hint}")
+        data[section][key] = _coerce(dotted, value, sections[section][key].type)
+    try:
+        return Config(**{s: type(getattr(cfg, s))(**v) for s, v in data.items()})
+    except ConfigError:
+        raise
+    except ValueError as e:  # a component rejected a value in __post_init__
+        raise ConfigError(str(e)) from None
+
+
+def recipe_path(name: str) -> Path:
+    """A path to a TOML file, or the name of a recipe shipped in genfoundry/recipes/."""
+    path = Path(name)
+    if path.suffix == ".toml" and path.is_file():
+        return path
+    shipped = resources.files("genfoundry") / "recipes" / f"{name}.toml"
+    if shipped.is_file():
+        return Path(str(shipped))
+    available = sorted(p.name[:-5] for p in (resources.files("genfoundry") / "recipes").iterdir() if p.name.endswith(".toml"))
+    raise ConfigError(f"no recipe '{name}': give a .toml path or one of {available}")
+
+
+def load(recipe: str | None = None, overrides: dict[str, object] | None = None) -> Config:
+    cfg = Config()
+    if recipe:
+        path = recipe_path(recipe)
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: {e}") from None
+        cfg = from_dict(data, cfg)
+    return apply_overrides(cfg, overrides or {})
+
+
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    """['--train.lr=3e-4', '--run.name', 'x'] -> {'train.lr': '3e-4', 'run.name': 'x'}."""
+    out, i = {}, 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=")[0]:
+            raise ConfigError(f"unexpected argument '{arg}'; overrides look like --section.key=value")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+        elif i + 1 < len(args):
+            key, value = arg[2:], args[i + 1]
+            i += 1
+        else:
+            raise ConfigError(f"override '{arg}' has no value; write {arg}=VALUE")
+        out[key] = value
+        i += 1
+    return out
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(value)  # a JSON string is a valid TOML basic string
+
+
+def dumps(cfg: Config) -> str:
+    lines = [f"format_version = {FORMAT_VERSION}"]
+    for section, values in to_dict(cfg).items():
+        lines.append(f"\n[{section}]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in values.items())
+    return "\n".join(lines) + "\n"
+
+
+def training_identity(cfg: Config) -> dict:
+    """The part of the config that a resumed run must share with the run it continues."""
+    data = to_dict(cfg)
+    ident = {s: data[s] for s in TRAINING_SECTIONS}
+    ident["train"] = {k: data["train"][k] for k in TRAINING_KEYS}
+    ident["seed"] = cfg.run.seed
+    return ident
+
+
+def config_hash(cfg: Config) -> str:
+    return hashlib.sha256(json.dumps(training_identity(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def identity_diff(a: Config, b: Config) -> list[str]:
+    """Dotted keys where two configs differ in what they train."""
+    ia, ib = training_identity(a), training_identity(b)
+    keys = []
+    for section in ia:
+        if isinstance(ia[section], dict):
+            keys += [f"{section}.{k}" for k in ia[section] if ia[section][k] != ib[section].get(k)]
+        elif ia[section] != ib[section]:
+            keys.append(f"run.{section}")
+    return keys
+

@@ -1,0 +1,78 @@
+import pytest
+
+from genfoundry import config
+from genfoundry.config import ConfigError
+
+
+def test_defaults_and_recipe_load():
+    cfg = config.load("demo")
+    assert cfg.run.name == "demo" and cfg.model.preset == "DiT-T/4"
+
+
+def test_override_coerces_types():
+    cfg = config.load("demo", {"train.lr": "3e-4", "train.steps": "12", "data.hflip": "true", "run.name": "x"})
+    assert cfg.train.lr == 3e-4 and isinstance(cfg.train.lr, float)
+    assert cfg.train.steps == 12 and isinstance(cfg.train.steps, int)
+    assert cfg.data.hflip is True and cfg.run.name == "x"
+
+
+def test_unknown_key_suggests_closest():
+    with pytest.raises(ConfigError, match=r"unknown config key 'train\.lrr'.*did you mean 'train\.lr'"):
+        config.load(None, {"train.lrr": "1"})
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("train.steps", "ten", "must be an integer"),
+    ("train.steps", "1.5", "must be an integer"),
+    ("train.lr", "fast", "must be a number"),
+    ("data.hflip", "maybe", "true or false"),
+    ("train.precision", "fp8", "fp32, bf16 or fp16"),
+    ("train.lr", "-1", "must be positive"),
+    ("model.class_dropout", "1.0", r"\[0, 1\)"),
+])
+def test_bad_values_raise_one_clear_error(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        config.load(None, {key: value})
+
+
+def test_dumps_roundtrips(tmp_path):
+    cfg = config.load("demo", {"train.lr": "5e-4", "run.name": 'quote"d'})
+    path = tmp_path / "c.toml"
+    path.write_text(config.dumps(cfg))
+    assert config.load(str(path)) == cfg
+    assert "format_version = 1" in path.read_text()
+
+
+def test_parse_overrides_forms():
+    assert config.parse_overrides(["--train.lr=1e-3", "--run.name", "a"]) == {"train.lr": "1e-3", "run.name": "a"}
+    with pytest.raises(ConfigError, match="no value"):
+        config.parse_overrides(["--train.lr"])
+    with pytest.raises(ConfigError, match="unexpected argument"):
+        config.parse_overrides(["lr=3"])
+
+
+def test_unknown_recipe_lists_available():
+    with pytest.raises(ConfigError, match="demo"):
+        config.load("no-such-recipe")
+
+
+def test_hash_ignores_logging_but_not_training():
+    a = config.load("demo")
+    assert config.config_hash(a) == config.config_hash(config.load("demo", {"train.log_every": 7, "train.steps": 9}))
+    b = config.load("demo", {"train.lr": 1e-5})
+    assert config.config_hash(a) != config.config_hash(b)
+    assert config.identity_diff(a, b) == ["train.lr"]
+
+
+def test_cli_bad_override_is_one_line(cli):
+    r = cli("train", "--train.lr=abc")
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "train.lr must be a number" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_cli_dry_run_prints_resolved_config(cli, tmp_path):
+    r = cli("train", "--config", "demo", "--train.steps=3", "--dry-run", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "steps = 3" in r.stdout and 'preset = "DiT-T/4"' in r.stdout
+    assert not (tmp_path / "runs").exists()

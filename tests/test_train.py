@@ -1,0 +1,138 @@
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from genfoundry import checkpoint, config, metrics
+from genfoundry.api import train
+from genfoundry.diffusion import FlowMatching
+from genfoundry.models import build_model
+from genfoundry.sources import load_images
+from genfoundry.train import Trainer
+
+from conftest import ROOT, run_cli
+
+TINY = {"train.batch_size": 8, "train.val_batch_size": 16, "train.log_every": 2, "train.val_every": 4,
+        "train.sample_every": 0, "train.warmup_steps": 2, "sample.steps": 2, "sample.per_class": 1,
+        "run.threads": 1}
+
+
+def tiny_cfg(tmp_path, **overrides):
+    return config.load("demo", {**TINY, "run.root": str(tmp_path), **overrides})
+
+
+@pytest.mark.timeout(120)
+def test_steps_lower_the_loss_on_a_fixed_batch():
+    torch.manual_seed(0)
+    images = load_images("mnist", "test")
+    x = torch.from_numpy(images.images[:32]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    y = torch.from_numpy(images.labels[:32])
+    model = build_model("DiT-T/4", 28, 1, 10)
+    objective = FlowMatching(class_dropout=0.0)
+    gen = torch.Generator().manual_seed(0)
+    t, eps, _ = objective.draw(x, gen)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(40):
+        loss = objective.loss(model, x, y, t, eps)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.timeout(180)
+def test_run_writes_metrics_samples_weights(tmp_path):
+    cfg = tiny_cfg(tmp_path, **{"train.steps": 6, "train.sample_every": 3, "train.checkpoint_every": 3})
+    last = train(cfg, print_fn=lambda *a, **k: None)
+    run = tmp_path / "demo"
+    rows = metrics.read_jsonl(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 2, 4, 6]
+    assert all(r["format_version"] == 1 for r in rows)
+    assert "val_loss" in rows[0] and "val_loss_ema" in rows[-1] and "loss" in rows[-1]
+    assert rows[-1]["images_seen"] == 48 and last["images_seen"] == 48
+    assert (run / "samples" / "grid-0000003.png").exists() and (run / "samples" / "final.png").exists()
+    assert set(load_file(str(run / "final" / "ema.safetensors"))) == set(Trainer(cfg).model.state_dict())
+    assert [p.name for p in checkpoint.list_checkpoints(run / "checkpoints")] == ["step-000000003.pt", "step-000000006.pt"]
+    assert config.load(str(run / "config.toml")) == cfg
+
+
+@pytest.mark.timeout(180)
+def test_validation_loss_is_repeatable(tmp_path):
+    trainer = Trainer(tiny_cfg(tmp_path))
+    assert trainer.validate() == trainer.validate()
+
+
+@pytest.mark.timeout(240)
+def test_resume_is_bit_exact(tmp_path):
+    """6 steps in one go equal 3 steps, a new process-like restart from the checkpoint, then 3 more."""
+    quiet = lambda *a, **k: None  # noqa: E731
+    common = {"train.checkpoint_every": 3, "train.precision": "bf16", "data.hflip": "true"}
+    train(tiny_cfg(tmp_path, **common, **{"train.steps": 6, "run.name": "whole"}), quiet)
+    train(tiny_cfg(tmp_path, **common, **{"train.steps": 3, "run.name": "split"}), quiet)
+    train(tiny_cfg(tmp_path, **common, **{"train.steps": 6, "run.name": "split"}), quiet)
+    for name in ("model", "ema"):
+        a = load_file(str(tmp_path / "whole" / "final" / f"{name}.safetensors"))
+        b = load_file(str(tmp_path / "split" / "final" / f"{name}.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    whole = checkpoint.load(tmp_path / "whole" / "checkpoints" / "step-000000006.pt")
+    split = checkpoint.load(tmp_path / "split" / "checkpoints" / "step-000000006.pt")
+    assert whole["data"] == split["data"] and torch.equal(whole["generator"], split["generator"])
+
+
+@pytest.mark.timeout(300)
+def test_kill_9_then_rerun_matches_uninterrupted_run(tmp_path):
+    """A real SIGKILL mid-run; the same command again resumes and ends bit-identical."""
+    args = ["train", "--config", "demo", *[f"--{k}={v}" for k, v in TINY.items()], "--train.steps=30",
+            "--train.checkpoint_every=4", f"--run.root={tmp_path}"]
+    assert run_cli(*args, "--run.name=whole").returncode == 0
+    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "genfoundry", *args, "--run.name=killed"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = tmp_path / "killed" / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and not checkpoint.list_checkpoints(ckpts):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "final").exists(), "the run finished before it could be killed"
+    r = run_cli(*args, "--run.name=killed")
+    assert r.returncode == 0, r.stderr
+    assert "resumed from step" in r.stdout
+    for name in ("model", "ema"):
+        a = load_file(str(tmp_path / "whole" / "final" / f"{name}.safetensors"))
+        b = load_file(str(tmp_path / "killed" / "final" / f"{name}.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+@pytest.mark.timeout(120)
+def test_changed_config_in_existing_run_dir_is_refused(tmp_path):
+    train(tiny_cfg(tmp_path, **{"train.steps": 1}), lambda *a, **k: None)
+    with pytest.raises(config.ConfigError, match="different train.lr"):
+        train(tiny_cfg(tmp_path, **{"train.steps": 2, "train.lr": 1e-5}), lambda *a, **k: None)
+
+
+@pytest.mark.timeout(120)
+def test_fp16_loss_scaler_skips_overflow_and_recovers(tmp_path):
+    trainer = Trainer(tiny_cfg(tmp_path, **{"train.precision": "fp16", "train.loss_scale_init": 2.0**40}))
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.train_step()  # 2^40 overflows fp16 gradients: the step is skipped and the scale halves
+    assert trainer.scaler.scale == 2.0**39
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    trainer.scaler.scale = 2.0**10
+    trainer.train_step()
+    assert trainer.scaler.scale == 2.0**10
+    assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path, capsys):
+    checkpoint.save({"step": 1}, tmp_path, 1)
+    checkpoint.save({"step": 2}, tmp_path, 2)
+    (tmp_path / "step-000000002.pt").write_bytes(b"torn")
+    assert checkpoint.load_latest(tmp_path)["step"] == 1
+    assert "skipping" in capsys.readouterr().err
