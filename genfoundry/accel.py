@@ -94,6 +94,11 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
     return PEAK_FLOPS.get(device_name(device))
 
 
+def autocast(device: torch.device, precision: str):
+    """A context that runs matrix work in the chosen precision (a no-op for fp32)."""
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)
+
 
 def rng_states(device: torch.device) -> dict:
     """Global RNG states of the host and, where present, the accelerator."""

@@ -15,7 +15,7 @@ from genfoundry import config as config_lib
 from genfoundry.config import Config
 from genfoundry.diffusion import generate, grid, save_png
 from genfoundry.models import DiT, DiTArch
-from genfoundry.train import Trainer, run_dir_of
+from genfoundry.trainer import Trainer, run_dir_of
 
 FORMAT_VERSION = 1
 
@@ -67,7 +67,8 @@ def sample(run_dir: str | Path, out_dir: str | Path | None = None, num_images: i
                     cfg_scale=sc.cfg_scale if cfg_scale is None else cfg_scale,
                     seed=sc.seed if seed is None else seed)
     labels = balanced_labels(num_images, k)
-    images = generate(model, labels, range(num_images), batch_size=batch_size or sc.batch_size, **settings)
+    images = generate(model, labels, range(num_images), batch_size=batch_size or sc.batch_size,
+                      precision=sc.precision, **settings)
     out = Path(out_dir or Path(run_dir) / "samples" / "sampled")
     out.mkdir(parents=True, exist_ok=True)
     # Order by class so that each grid row is one class.
@@ -95,7 +96,7 @@ def evaluate(run_dir: str | Path, num_samples: int | None = None, reference: str
     model, meta = load_trained(run_dir, "ema", device)
     t0 = time.perf_counter()
     images = generate(model, balanced_labels(num_samples, len(meta["class_names"])), range(num_samples),
-                      sc.seed, sc.steps, sc.sampler, sc.cfg_scale, sc.batch_size)
+                      sc.seed, sc.steps, sc.sampler, sc.cfg_scale, sc.batch_size, precision=sc.precision)
     sampling_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     result = score(images.numpy(), reference=reference, split=split, device=str(accel.get_device(device)),

@@ -101,8 +101,11 @@ class SampleConfig:
     per_class: int = 8           # images per class in a grid
     batch_size: int = 256        # images per network call
     seed: int = 0                # base seed; image i uses noise from (seed, i)
+    precision: str = "fp32"      # network precision while sampling: fp32 | bf16 | fp16
 
     def __post_init__(self):
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"sample.precision must be fp32, bf16 or fp16, got '{self.precision}'")
         if self.sampler not in ("euler", "heun"):
             raise ConfigError(f"sample.sampler must be euler or heun, got '{self.sampler}'")
         if self.steps < 1:

@@ -12,7 +12,7 @@ from genfoundry.api import train
 from genfoundry.diffusion import FlowMatching
 from genfoundry.models import build_model
 from genfoundry.sources import load_images
-from genfoundry.train import Trainer
+from genfoundry.trainer import Trainer
 
 from conftest import ROOT, run_cli
 

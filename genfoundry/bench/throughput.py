@@ -15,7 +15,6 @@ import torch
 from genfoundry import accel
 from genfoundry.diffusion import FlowMatching
 from genfoundry.models import build_model
-from genfoundry.train.precision import autocast
 
 
 def _timer(device: torch.device):
@@ -60,7 +59,7 @@ def train_throughput(preset: str = "DiT-B/2", image_size: int = 32, channels: in
 
     def step():
         t, eps, drop = objective.draw(x, gen)
-        with autocast(dev, precision):
+        with accel.autocast(dev, precision):
             loss = objective.loss(net, x, y, t, eps, drop)
         loss.backward()
         opt.step()

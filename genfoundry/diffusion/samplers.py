@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from genfoundry import accel
+
 
 def image_noise(indices, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     """Noise for the images with these global indices, each from its own seed, on the CPU."""
@@ -56,10 +58,12 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 
 def generate(model, labels: torch.Tensor, indices, seed: int = 0, steps: int = 16, sampler: str = "heun",
-             cfg_scale: float = 1.0, batch_size: int = 256, device=None) -> torch.Tensor:
-    """uint8 NHWC images for the given labels; image k uses noise seed (seed, indices[k])."""
+             cfg_scale: float = 1.0, batch_size: int = 256, device=None, precision: str = "fp32") -> torch.Tensor:
+    """uint8 NHWC images for the given labels; image k uses noise seed (seed, indices[k]).
+
+    `precision` applies to the network only; the ODE state stays in float32."""
     arch = model.arch
-    device = device or next(model.parameters()).device
+    device = torch.device(device or next(model.parameters()).device)
     indices = list(indices)
     shape = (arch.in_channels, arch.image_size, arch.image_size)
     out = []
@@ -67,7 +71,8 @@ def generate(model, labels: torch.Tensor, indices, seed: int = 0, steps: int = 1
         idx = indices[start:start + batch_size]
         noise = image_noise(idx, shape, seed).to(device)
         y = labels[start:start + batch_size].to(device)
-        out.append(to_uint8(solve(model, noise, y, steps, sampler, cfg_scale)))
+        with accel.autocast(device, precision):
+            out.append(to_uint8(solve(model, noise, y, steps, sampler, cfg_scale)))
     return torch.cat(out) if out else torch.empty((0, *shape[1:], shape[0]), dtype=torch.uint8)
 
 

@@ -186,7 +186,7 @@ class DiT(nn.Module):
 
 # Presets: name -> (hidden_size, depth, num_heads), combined with a patch size in MODELS.
 SIZES = {
-    "T": (192, 6, 3),
+    "T": (128, 6, 4),
     "S": (384, 12, 6),
     "B": (768, 12, 12),
     "L": (1024, 24, 16),

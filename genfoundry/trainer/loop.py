@@ -19,7 +19,7 @@ from genfoundry.data import InMemoryLoader
 from genfoundry.diffusion import FlowMatching, generate, grid, save_png
 from genfoundry.models import build_model
 from genfoundry.sources import load_images
-from genfoundry.train.precision import DynamicLossScaler, autocast
+from genfoundry.trainer.precision import DynamicLossScaler
 
 FORMAT_VERSION = 1
 
@@ -135,7 +135,7 @@ class Trainer:
         tc = self.cfg.train
         x, y = self.loader.next_batch()
         t, eps, drop = self.objective.draw(x, self.generator)
-        with autocast(self.device, tc.precision):
+        with accel.autocast(self.device, tc.precision):
             loss = self.objective.loss(self.model, x, y, t, eps, drop)
         self.optimizer.zero_grad(set_to_none=True)
         (loss * self.scaler.scale if self.scaler else loss).backward()
@@ -194,7 +194,7 @@ class Trainer:
         for key, net in (("val_loss", self.model), ("val_loss_ema", self.ema)):
             was_training = net.training
             net.eval()
-            with autocast(self.device, self.cfg.train.precision):
+            with accel.autocast(self.device, self.cfg.train.precision):
                 out[key] = self.objective.loss(net, x, y, t, eps).item()
             net.train(was_training)
         return out
@@ -227,7 +227,7 @@ class Trainer:
         sc, k = self.cfg.sample, self.train_set.num_classes
         labels = torch.arange(k).repeat_interleave(sc.per_class)
         images = generate(self.ema, labels, range(len(labels)), sc.seed, sc.steps, sc.sampler, sc.cfg_scale,
-                          sc.batch_size, self.device)
+                          sc.batch_size, self.device, sc.precision)
         path = self.run_dir / "samples" / name
         save_png(grid(images, rows=k), path)
         return path

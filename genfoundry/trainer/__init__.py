@@ -1,5 +1,5 @@
 """The training loop, precision handling and the state it saves."""
 
-from genfoundry.train.loop import Trainer, run_dir_of
+from genfoundry.trainer.loop import Trainer, run_dir_of
 
 __all__ = ["Trainer", "run_dir_of"]

@@ -41,8 +41,3 @@ class DynamicLossScaler:
     def load_state_dict(self, state: dict) -> None:
         self.scale, self.clean_steps = float(state["scale"]), int(state["clean_steps"])
 
-
-def autocast(device: torch.device, precision: str):
-    """A context that runs the forward pass in the chosen precision (a no-op for fp32)."""
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)
