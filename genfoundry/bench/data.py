@@ -1,0 +1,180 @@
+"""Data-loading throughput: genfoundry's DataPipeline against torchvision's standard ImageNet recipe.
+
+Both read the same JPEGs (500x375, quality 90, made from scikit-image's photos) and produce the same
+batches: RandomResizedCrop(256) with the default scale (0.08, 1), horizontal flip, normalization,
+batch 64, with the same number of worker processes. The baseline runs in a Python that has
+torchvision (`--baseline-python`), since torchvision does not import beside the CPU build of torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+BASELINE = r'''
+import sys, time, json, torch, torchvision
+from torchvision import datasets, transforms as T
+folder, workers, batch, seconds, warmup = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
+torch.set_num_threads(1)
+tf = T.Compose([T.RandomResizedCrop(256), T.RandomHorizontalFlip(), T.ToTensor(),
+                T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+ds = datasets.ImageFolder(folder, transform=tf)
+dl = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
+                                 persistent_workers=workers > 0)
+n, t0, done = 0, None, False
+while not done:
+    for k, (x, y) in enumerate(dl):
+        if t0 is None and k + 1 >= warmup:
+            t0 = time.perf_counter(); continue
+        if t0 is not None:
+            n += x.shape[0]
+            if time.perf_counter() - t0 >= seconds:
+                done = True; break
+print(json.dumps({"images_per_s": n / (time.perf_counter() - t0), "images": n, "torch": torch.__version__,
+                  "torchvision": torchvision.__version__}))
+'''
+
+
+def make_jpegs(out: str | Path, count: int = 2000, width: int = 500, height: int = 375, quality: int = 90,
+               seed: int = 0) -> Path:
+    """`count` JPEGs from scikit-image's photos with random crops, flips and colour shifts, in 2 classes."""
+    import skimage.data
+    from PIL import Image
+
+    names = ["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field",
+             "retina", "motorcycle_left", "logo"]
+    photos = []
+    for name in names:
+        try:
+            im = np.asarray(getattr(skimage.data, name)())
+        except Exception:  # some photos need an optional download; the rest suffice
+            continue
+        if im.ndim == 3 and im.shape[2] >= 3 and min(im.shape[:2]) >= 200:
+            photos.append(im[..., :3])
+    rng = np.random.default_rng(seed)
+    out = Path(out)
+    for c in ("a", "b"):
+        (out / c).mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        src = photos[i % len(photos)]
+        h, w = src.shape[:2]
+        ch, cw = int(h * rng.uniform(0.5, 1)), int(w * rng.uniform(0.5, 1))
+        y0, x0 = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+        crop = src[y0:y0 + ch, x0:x0 + cw].astype(np.float32)
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        crop = np.clip(crop * rng.uniform(0.7, 1.3, size=3) + rng.uniform(-20, 20, size=3), 0, 255).astype(np.uint8)
+        Image.fromarray(crop).resize((width, height), Image.Resampling.BICUBIC).save(
+            out / ("a" if i % 2 else "b") / f"{i:05d}.jpg", quality=quality)
+    return out
+
+
+class _RssSampler(threading.Thread):
+    """Samples the resident memory of this process and its children every `interval` seconds."""
+
+    def __init__(self, interval: float = 0.5):
+        super().__init__(daemon=True)
+        self.interval, self.samples, self.stop = interval, [], threading.Event()
+
+    def run(self):
+        t0 = time.perf_counter()
+        while not self.stop.is_set():
+            self.samples.append((round(time.perf_counter() - t0, 2), _tree_rss_mb(os.getpid())))
+            time.sleep(self.interval)
+
+
+def _tree_rss_mb(pid: int) -> float:
+    total = 0
+    for p in [pid] + _children(pid):
+        try:
+            with open(f"/proc/{p}/statm") as f:
+                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            pass
+    return total / 2**20
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            kids = [int(k) for k in f.read().split()]
+    except OSError:
+        return []
+    return kids + [g for k in kids for g in _children(k)]
+
+
+def genfoundry_throughput(shards: str, workers: int, batch: int, seconds: float, warmup: int, device: str) -> dict:
+    import torch
+
+    from genfoundry import accel
+    from genfoundry.data import DataPipeline, Normalize, RandomHorizontalFlip, RandomResizedCrop
+
+    torch.set_num_threads(1)
+    pipeline = DataPipeline()
+    for t in (RandomResizedCrop(256), RandomHorizontalFlip(), Normalize(MEAN, STD)):
+        pipeline.add_transform(t)
+    dev = accel.get_device(device)
+    loader = pipeline.loader(shards, batch, device=dev, seed=0, num_workers=workers, rank=0, world_size=1)
+    rss = _RssSampler()
+    rss.start()
+    it = iter(loader)
+    for _ in range(warmup):
+        next(it)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        n += next(it).images.shape[0]
+    accel.synchronize(dev)
+    rate = n / (time.perf_counter() - t0)
+    rss.stop.set()
+    rss.join()
+    return {"images_per_s": rate, "images": n, "rss_mb_over_time": rss.samples,
+            "peak_rss_mb": max(m for _, m in rss.samples)}
+
+
+def run(workers: int = 2, batch: int = 64, count: int = 2000, seconds: float = 30.0, warmup: int = 3,
+        baseline_python: str | None = None, device: str = "cpu", out: str | None = None,
+        workdir: str | None = None) -> dict:
+    from genfoundry.shards import pack
+
+    work = Path(workdir or tempfile.mkdtemp(prefix="genfoundry-bench-data-"))
+    folder = work / "jpegs"
+    if not folder.exists():
+        print(f"writing {count} JPEGs to {folder}", flush=True)
+        make_jpegs(folder, count)
+    shards = work / "shards"
+    pack(str(folder), str(shards), samples_per_shard=500, progress=False)
+    ours = genfoundry_throughput(str(shards), workers, batch, seconds, warmup, device)
+    print(f"genfoundry DataPipeline: {ours['images_per_s']:.0f} images/s "
+          f"(peak RSS {ours['peak_rss_mb']:.0f} MB)", flush=True)
+    result = {"format_version": 1, "benchmark": "data", "workers": workers, "batch_size": batch,
+              "images_on_disk": count, "image_size": [500, 375], "jpeg_quality": 90,
+              "pipeline": "RandomResizedCrop(256, scale=(0.08, 1)) -> RandomHorizontalFlip -> Normalize",
+              "genfoundry": {k: v for k, v in ours.items()}, "cpu_count": os.cpu_count()}
+    if baseline_python:
+        proc = subprocess.run([baseline_python, "-c", BASELINE, str(folder), str(workers), str(batch),
+                               str(seconds), str(warmup)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"baseline failed: {proc.stderr.strip().splitlines()[-1]}")
+        base = json.loads(proc.stdout.strip().splitlines()[-1])
+        result["torchvision_baseline"] = base
+        result["speedup"] = ours["images_per_s"] / base["images_per_s"]
+        print(f"torchvision baseline: {base['images_per_s']:.0f} images/s; genfoundry is "
+              f"{result['speedup']:.2f}x", flush=True)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    run(baseline_python=sys.argv[1] if len(sys.argv) > 1 else None)

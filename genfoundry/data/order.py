@@ -1,0 +1,71 @@
+"""The global sample order: a pure function of (seed, epoch), sliced into global batches, then ranks.
+
+Shard locality: the shard order is shuffled, then samples are shuffled within windows of consecutive
+samples of that shard sequence, so a rank reads few shards at a time. Because the order and the
+position (epoch, global batch) do not depend on the world size, a run resumed on another number of
+ranks continues the same global stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+FORMAT_VERSION = 1
+
+
+def _rng(*words: int) -> np.random.Generator:
+    return np.random.default_rng([int(w) & 0xFFFFFFFF for w in words])
+
+
+def global_order(shard_sizes: list[int], seed: int, epoch: int, window: int = 4096) -> np.ndarray:
+    """All global sample indices of one epoch, in training order."""
+    starts = np.concatenate([[0], np.cumsum(shard_sizes)[:-1]]).astype(np.int64)
+    rng = _rng(seed, epoch, 0x5EED)
+    shards = rng.permutation(len(shard_sizes))
+    stream = np.concatenate([np.arange(starts[s], starts[s] + shard_sizes[s]) for s in shards]) if len(shards) else \
+        np.empty(0, np.int64)
+    for lo in range(0, len(stream), window):
+        rng.shuffle(stream[lo:lo + window])
+    return stream
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The random stream of one sample in one epoch: the same on any rank, worker or batch size."""
+    return _rng(seed, epoch, index, 0xA06)
+
+
+@dataclass
+class GlobalBatches:
+    """Global batches of `global_batch_size` over an epoch order; rank r takes its contiguous slice.
+
+    The partial global batch at the end of an epoch is dropped, so every rank gets the same number of
+    batches per epoch and no rank waits for one that never comes.
+    """
+
+    shard_sizes: list[int]
+    global_batch_size: int
+    seed: int = 0
+    window: int = 4096
+
+    def __post_init__(self):
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"the dataset has {sum(self.shard_sizes)} samples, fewer than one global batch "
+                             f"of {self.global_batch_size}")
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return sum(self.shard_sizes) // self.global_batch_size
+
+    def local_batch_size(self, world_size: int) -> int:
+        if self.global_batch_size % world_size:
+            raise ValueError(f"global batch {self.global_batch_size} does not split over {world_size} ranks; "
+                             f"use a multiple of {world_size}")
+        return self.global_batch_size // world_size
+
+    def batch(self, order: np.ndarray, batch: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
+        """Global sample indices of `rank`'s slice of global batch number `batch` in this epoch order."""
+        local = self.local_batch_size(world_size)
+        start = batch * self.global_batch_size + rank * local
+        return order[start:start + local]

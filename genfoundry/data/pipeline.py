@@ -1,0 +1,205 @@
+"""DataPipeline: transforms bound to shards, giving resumable batches on the accelerator.
+
+Per sample, in CPU workers: read bytes, plan the size transforms, decode and resample once, draw the
+batch transforms' parameters. Per batch, on the device: uint8 -> float, the batch transforms.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from genfoundry import metrics
+from genfoundry.data.decode import DecodeError, decode, image_size
+from genfoundry.data.order import GlobalBatches, global_order, sample_seed
+from genfoundry.data.transforms import BatchTransform, Lambda, SizeTransform, compose_plans
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor   # float [B, C, H, W] on the device, after the batch transforms
+    labels: torch.Tensor   # int64 [B] on the device (-1 where a sample has no label)
+    keys: list[str]        # sample keys, for tracing a batch back to its shards
+    indices: np.ndarray    # global sample indices
+
+
+class DataPipeline:
+    """An ordered list of transforms; `loader()` binds it to a dataset of shards."""
+
+    def __init__(self, channels: int = 3):
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels}")
+        self.channels = channels
+        self.size_transforms: list[SizeTransform] = []
+        self.batch_transforms: list[BatchTransform] = []
+
+    def add_transform(self, transform) -> DataPipeline:
+        if isinstance(transform, SizeTransform):
+            if self.batch_transforms:
+                raise ValueError(f"{type(transform).__name__} changes the image size and runs per sample in CPU "
+                                 f"workers, before the batch transforms; add it before "
+                                 f"{type(self.batch_transforms[0]).__name__}")
+            self.size_transforms.append(transform)
+        elif isinstance(transform, BatchTransform):
+            self.batch_transforms.append(transform)
+        elif callable(transform):
+            self.batch_transforms.append(Lambda(transform))
+        else:
+            raise TypeError(f"a transform must be a genfoundry transform or a callable, got {type(transform).__name__}")
+        return self
+
+    def prepare(self, data: bytes, rng: np.random.Generator) -> tuple[np.ndarray, list[float]]:
+        """CPU half for one sample: fixed-size uint8 HWC and the batch transforms' parameters."""
+        width, height = image_size(data)
+        box, out_size = compose_plans(self.size_transforms, width, height, rng)
+        image = decode(data, box, out_size, self.channels)
+        params = [p for t in self.batch_transforms for p in t.params(rng)]
+        return image, params
+
+    def apply_batch(self, images_uint8: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """Device half: uint8 NHWC -> float NCHW in [0, 1] -> batch transforms."""
+        x = images_uint8.permute(0, 3, 1, 2).float().div_(255.0)
+        col = 0
+        for t in self.batch_transforms:
+            x = t.apply(x, params[:, col:col + t.num_params])
+            col += t.num_params
+        return x
+
+    def loader(self, dataset, global_batch_size: int, device="cpu", seed: int = 0, num_workers: int = 0,
+               rank: int | None = None, world_size: int | None = None, prefetch: int = 2,
+               window: int = 4096) -> ShardLoader:
+        from genfoundry import accel
+
+        return ShardLoader(self, dataset, global_batch_size, torch.device(device), seed, num_workers,
+                           accel.rank() if rank is None else rank,
+                           accel.world_size() if world_size is None else world_size, prefetch, window)
+
+
+class _BatchReader(torch.utils.data.Dataset):
+    """Item k = this rank's slice of global batch k of one epoch, prepared on the CPU (runs in workers)."""
+
+    def __init__(self, pipeline, dataset, batches: GlobalBatches, order, epoch, rank, world_size):
+        self.pipeline, self.dataset, self.batches = pipeline, dataset, batches
+        self.order, self.epoch, self.rank, self.world_size = order, epoch, rank, world_size
+
+    def __len__(self):
+        return self.batches.batches_per_epoch
+
+    def __getitem__(self, k):
+        indices = self.batches.batch(self.order, k, self.rank, self.world_size)
+        images, params, labels, keys, failures = [], [], [], [], {}
+        for slot, index in enumerate(indices):
+            rng = sample_seed(self.batches.seed, self.epoch, int(index))
+            try:
+                data, meta = self.dataset.read(int(index))
+                keys.append(str(meta.get("key", index)))
+                labels.append(-1 if meta.get("label") is None else int(meta["label"]))
+                image, p = self.pipeline.prepare(data, rng)
+            except (DecodeError, ValueError, OSError) as e:
+                failures[slot] = f"{type(e).__name__}: {e}"
+                if len(keys) <= slot:
+                    keys.append(str(index))
+                    labels.append(-1)
+                image, p = None, None
+            images.append(image)
+            params.append(p)
+        return indices, images, params, labels, keys, failures
+
+
+class ShardLoader:
+    """Iterates batches forever, epoch after epoch; `state_dict()` is the global position.
+
+    The position counts global batches handed out, so it does not depend on the world size: a run
+    resumed on another number of ranks continues the same global stream. Prefetched batches that were
+    not handed out are not counted, and are read again after a resume.
+    """
+
+    def __init__(self, pipeline: DataPipeline, dataset, global_batch_size: int, device: torch.device, seed: int,
+                 num_workers: int, rank: int, world_size: int, prefetch: int, window: int):
+        if isinstance(dataset, str):
+            from genfoundry.shards import ShardDataset
+
+            dataset = ShardDataset(dataset)
+        self.pipeline, self.dataset, self.device = pipeline, dataset, device
+        sizes = [int(s["num_samples"]) for s in dataset.shards]
+        self.batches = GlobalBatches(sizes, global_batch_size, seed, window)
+        self.local_batch_size = self.batches.local_batch_size(world_size)
+        self.rank, self.world_size = rank, world_size
+        self.num_workers, self.prefetch = num_workers, prefetch
+        self.epoch, self.batch = 0, 0
+        self.corrupt: Counter[str] = Counter()  # key -> times substituted
+        self.corrupt_reasons: dict[str, str] = {}
+        self._iterator = None
+
+    def state_dict(self) -> dict:
+        return {"format_version": FORMAT_VERSION, "seed": self.batches.seed, "epoch": self.epoch,
+                "batch": self.batch, "global_batch_size": self.batches.global_batch_size,
+                "num_samples": sum(self.batches.shard_sizes)}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "global_batch_size", "num_samples"):
+            mine = self.state_dict()[key]
+            if state[key] != mine:
+                raise ValueError(f"data state was saved with {key} {state[key]}, this loader has {mine}")
+        self.epoch, self.batch = state["epoch"], state["batch"]
+        self._iterator = None
+
+    def __iter__(self):
+        while True:
+            order = global_order(self.batches.shard_sizes, self.batches.seed, self.epoch, self.batches.window)
+            reader = _BatchReader(self.pipeline, self.dataset, self.batches, order, self.epoch, self.rank,
+                                  self.world_size)
+            start = self.batch
+            loader = torch.utils.data.DataLoader(
+                reader, batch_size=None, sampler=range(start, len(reader)), num_workers=self.num_workers,
+                prefetch_factor=self.prefetch if self.num_workers else None, collate_fn=_collate,
+                pin_memory=self.device.type != "cpu", persistent_workers=False)
+            for item in loader:
+                batch = self._finish(*item)
+                self.batch += 1
+                yield batch
+            self.epoch, self.batch = self.epoch + 1, 0
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images, labels) of the next batch: the interface the trainer uses."""
+        if self._iterator is None:
+            self._iterator = iter(self)
+        b = next(self._iterator)
+        return b.images, b.labels
+
+    def _finish(self, indices, images, params, labels, keys, failures) -> Batch:
+        metrics.report("data/corrupt_per_batch", len(failures))
+        if failures:
+            images, params, labels = self._substitute(images, params, labels, keys, failures)
+        sizes = {im.shape for im in images}
+        if len(sizes) > 1:
+            raise ValueError(f"samples of one batch have different sizes {sorted(sizes)}; end the size "
+                             f"transforms with a fixed-size crop or Resize((height, width))")
+        x = torch.from_numpy(np.stack(images))
+        p = torch.tensor(params, dtype=torch.float32).reshape(len(images), -1)
+        y = torch.tensor(labels, dtype=torch.int64)
+        if self.device.type != "cpu":
+            x, p, y = x.pin_memory(), p.pin_memory(), y.pin_memory()
+        x, p, y = (t.to(self.device, non_blocking=True) for t in (x, p, y))
+        return Batch(self.pipeline.apply_batch(x, p), y, keys, np.asarray(indices))
+
+    def _substitute(self, images, params, labels, keys, failures):
+        """A corrupt sample's slot takes the next good sample of the same batch: size and order stay exact."""
+        good = [i for i in range(len(images)) if i not in failures]
+        if not good:
+            raise ValueError(f"every sample of a batch failed to decode, e.g. {keys[0]}: {next(iter(failures.values()))}")
+        for slot, reason in failures.items():
+            donor = next((g for g in good if g > slot), good[0])
+            images[slot], params[slot], labels[slot] = images[donor], params[donor], labels[donor]
+            self.corrupt[keys[slot]] += 1
+            self.corrupt_reasons[keys[slot]] = reason
+        return images, params, labels
+
+
+def _collate(item):
+    return item  # batches are assembled in the reader; the loader only moves them between processes
