@@ -34,6 +34,21 @@ def build_parser() -> argparse.ArgumentParser:
                                    "checkpoints is resumed exactly.", epilog=OVERRIDE_HELP)
     _config_args(p, "mnist")
 
+    p = sub.add_parser("pack", help="pack images into indexed, checksummed WebDataset-layout tar shards",
+                       description="Packs SRC (an image folder, a .csv/.parquet list with a 'path' column, or "
+                                   "mnist[:split] / fashion-mnist[:split]) into OUT. Running it again resumes: "
+                                   "finished shards are not redone. Inputs that fail to decode are listed in "
+                                   "OUT/failures.jsonl and left out.")
+    p.add_argument("src", help="image folder, .csv/.parquet list, or mnist[:split] / fashion-mnist[:split]")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--samples-per-shard", type=int, default=1000, help="default: 1000")
+    p.add_argument("--resolution", type=int, help="centre-crop and resize to this side and re-encode "
+                                                  "(default: keep the original bytes)")
+    p.add_argument("--format", dest="image_format", choices=["keep", "jpeg", "png"], default="keep",
+                   help="re-encode as JPEG or lossless PNG (default: keep; PNG for images of 64 px or less)")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality when re-encoding (default: 90)")
+    p.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
+
     p = sub.add_parser("sample", help="write a sample grid and PNG images from a finished run")
     p.add_argument("run_dir", help="a run directory (e.g. runs/demo)")
     p.add_argument("--out", help="output directory (default: RUN_DIR/samples/sampled)")
@@ -63,6 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=30, help="timed steps after warm-up (default: 30)")
     b.add_argument("--out", help="write the results as JSON here")
     b.add_argument("--device", default="auto", help="device (default: auto)")
+    b = bench.add_parser("data", help="DataPipeline images/s against torchvision's DataLoader on the same JPEGs")
+    b.add_argument("--workers", type=int, default=2, help="worker processes for both (default: 2)")
+    b.add_argument("--batch-size", type=int, default=64, help="default: 64")
+    b.add_argument("--images", type=int, default=2000, help="JPEGs to generate (default: 2000)")
+    b.add_argument("--seconds", type=float, default=30.0, help="timed seconds per loader (default: 30)")
+    b.add_argument("--baseline-python", help="a Python with torchvision for the baseline (default: none)")
+    b.add_argument("--workdir", help="where the JPEGs and shards go (default: a new temporary directory)")
+    b.add_argument("--out", help="write the results as JSON here")
+    b.add_argument("--device", default="cpu", help="device for the batch transforms (default: cpu)")
     return parser
 
 
@@ -89,6 +113,18 @@ def main(argv: list[str] | None = None) -> int:
             info = api.sample(args.run_dir, args.out, args.num_images, args.sampler, args.steps, args.cfg_scale,
                               args.seed, args.batch_size, args.weights, args.device, not args.grid_only)
             print(f"wrote {info['num_images']} images to {info['out_dir']}")
+        elif args.command == "pack":
+            from genfoundry.shards import pack
+
+            index = pack(args.src, args.out, args.samples_per_shard, args.resolution, args.image_format,
+                         args.quality, args.workers)
+            print(f"packed {index['num_samples']} of {index['num_inputs']} inputs into {len(index['shards'])} "
+                  f"shards in {args.out}; {index['num_failures']} failed to decode (see failures.jsonl)")
+        elif args.command == "bench" and args.bench == "data":
+            from genfoundry.bench.data import run as run_data
+
+            run_data(args.workers, args.batch_size, args.images, args.seconds, baseline_python=args.baseline_python,
+                     device=args.device, out=args.out, workdir=args.workdir)
         elif args.command == "bench":
             from genfoundry.bench.throughput import run
 

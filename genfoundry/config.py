@@ -29,18 +29,21 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "mnist"        # 'mnist', 'fashion-mnist' or a path to an image folder
-    split: str = "train"         # split used for training
-    val_split: str = "test"      # split the fixed validation batch is drawn from
-    resolution: int = 64         # image side for folder sources (MNIST-like sources are 28)
-    channels: int = 3            # 1 or 3, for folder sources
+    source: str = "mnist"        # 'mnist', 'fashion-mnist', an image folder, or a packed shard set (path or URL)
+    split: str = "train"         # split used for training (named datasets)
+    val_split: str = "test"      # split the fixed validation batch is drawn from (named datasets)
+    resolution: int = 0          # image side for folders (0: 64) and shards (0: as packed)
+    channels: int = 0            # 1 or 3 for folders (0: 3) and shards (0: as packed)
     hflip: bool = False          # random horizontal flips (off for digits)
+    workers: int = 2             # CPU decode worker processes for shard sets
 
     def __post_init__(self):
-        if self.channels not in (1, 3):
-            raise ConfigError(f"data.channels must be 1 or 3, got {self.channels}")
-        if self.resolution < 8:
-            raise ConfigError(f"data.resolution must be at least 8, got {self.resolution}")
+        if self.channels not in (0, 1, 3):
+            raise ConfigError(f"data.channels must be 1 or 3 (or 0 for the data's own), got {self.channels}")
+        if self.resolution and self.resolution < 8:
+            raise ConfigError(f"data.resolution must be at least 8 (or 0 for the data's own), got {self.resolution}")
+        if self.workers < 0:
+            raise ConfigError(f"data.workers must be 0 or more, got {self.workers}")
 
 
 @dataclass

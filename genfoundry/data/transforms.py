@@ -141,8 +141,10 @@ class RandomHorizontalFlip(BatchTransform):
         return [float(rng.random() < self.p)]
 
     def apply(self, x, params):
-        flip = params[:, 0].bool().view(-1, 1, 1, 1)
-        return torch.where(flip, x.flip(-1), x)
+        flip = params[:, 0].bool()
+        if flip.any():  # only the flipped samples are copied
+            x[flip] = x[flip].flip(-1)
+        return x
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
@@ -211,8 +213,8 @@ class Normalize(BatchTransform):
 
     def apply(self, x, params):
         mean = torch.as_tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-        std = torch.as_tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-        return (x - mean) / std
+        inv_std = 1.0 / torch.as_tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        return x.sub_(mean).mul_(inv_std)
 
 
 class Lambda(BatchTransform):

@@ -15,10 +15,9 @@ from genfoundry import accel, checkpoint
 from genfoundry import config as config_lib
 from genfoundry import metrics
 from genfoundry.config import Config, ConfigError
-from genfoundry.data import InMemoryLoader
+from genfoundry.data.build import training_data
 from genfoundry.diffusion import FlowMatching, generate, grid, save_png
 from genfoundry.models import build_model
-from genfoundry.sources import load_images
 from genfoundry.trainer.precision import DynamicLossScaler
 
 FORMAT_VERSION = 1
@@ -43,16 +42,16 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)
         tc = cfg.train
 
-        self.train_set = load_images(cfg.data.source, cfg.data.split, cfg.data.resolution, cfg.data.channels)
-        self.model = build_model(cfg.model.preset, self.train_set.resolution, self.train_set.channels,
-                                 self.train_set.num_classes).to(self.device)
+        self.data = training_data(cfg.data, tc.batch_size, tc.val_batch_size, cfg.run.seed, self.device)
+        self.loader = self.data.loader
+        self.model = build_model(cfg.model.preset, self.data.resolution, self.data.channels,
+                                 self.data.num_classes).to(self.device)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.objective = FlowMatching(cfg.diffusion.time_sampling, cfg.diffusion.loss_weighting,
                                       cfg.diffusion.logit_mean, cfg.diffusion.logit_std, cfg.model.class_dropout)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2),
                                            weight_decay=tc.weight_decay)
         self.scaler = DynamicLossScaler(tc.loss_scale_init, tc.loss_scale_growth_interval) if tc.precision == "fp16" else None
-        self.loader = InMemoryLoader(self.train_set, tc.batch_size, cfg.run.seed, self.device, cfg.data.hflip)
         # All training randomness (time, noise, label dropout) comes from this generator, saved in checkpoints.
         self.generator = torch.Generator(self.device).manual_seed(cfg.run.seed)
         self.step, self.images_seen = 0, 0
@@ -134,6 +133,7 @@ class Trainer:
     def train_step(self) -> None:
         tc = self.cfg.train
         x, y = self.loader.next_batch()
+        y = y.clamp(min=0)  # unlabelled samples (-1) share class 0
         t, eps, drop = self.objective.draw(x, self.generator)
         with accel.autocast(self.device, tc.precision):
             loss = self.objective.loss(self.model, x, y, t, eps, drop)
@@ -175,17 +175,11 @@ class Trainer:
 
     def _make_validation_batch(self) -> None:
         """The same held-out images, times and noise at every validation, so the curve is comparable."""
-        cfg = self.cfg
-        try:
-            val = load_images(cfg.data.source, cfg.data.val_split, cfg.data.resolution, cfg.data.channels)
-        except ValueError:
-            val = self.train_set  # folder sources have no split; the batch is then in-sample
-        n = min(cfg.train.val_batch_size, len(val))
-        x = torch.from_numpy(val.images[:n]).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-        gen = torch.Generator().manual_seed(cfg.run.seed + 7919)
-        t = torch.sigmoid(torch.randn(n, generator=gen))
+        x = torch.from_numpy(self.data.val_images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        gen = torch.Generator().manual_seed(self.cfg.run.seed + 7919)
+        t = torch.sigmoid(torch.randn(len(x), generator=gen))
         eps = torch.randn(x.shape, generator=gen)
-        self.val_batch = tuple(v.to(self.device) for v in (x, torch.from_numpy(val.labels[:n]), t, eps))
+        self.val_batch = tuple(v.to(self.device) for v in (x, torch.from_numpy(self.data.val_labels), t, eps))
 
     @torch.no_grad()
     def validate(self) -> dict:
@@ -224,7 +218,7 @@ class Trainer:
         return values
 
     def sample_grid(self, name: str) -> Path:
-        sc, k = self.cfg.sample, self.train_set.num_classes
+        sc, k = self.cfg.sample, self.data.num_classes
         labels = torch.arange(k).repeat_interleave(sc.per_class)
         images = generate(self.ema, labels, range(len(labels)), sc.seed, sc.steps, sc.sampler, sc.cfg_scale,
                           sc.batch_size, self.device, sc.precision)
@@ -238,18 +232,18 @@ class Trainer:
         save_file({k: v.contiguous() for k, v in self.ema.state_dict().items()}, str(final / "ema.safetensors"))
         save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, str(final / "model.safetensors"))
         meta = {"format_version": FORMAT_VERSION, "preset": self.cfg.model.preset,
-                "arch": self.model.arch.to_dict(), "class_names": self.train_set.class_names,
-                "source": self.train_set.name, "step": self.step, "images_seen": self.images_seen}
+                "arch": self.model.arch.to_dict(), "class_names": self.data.class_names,
+                "source": self.data.name, "step": self.step, "images_seen": self.images_seen}
         (final / "model.json").write_text(json.dumps(meta, indent=2))
         path = self.sample_grid("final.png")
         self.print(f"final weights in {final}, samples in {path}")
 
     def describe(self) -> None:
-        m, ds = self.model, self.train_set
+        m, ds = self.model, self.data
         params = sum(p.numel() for p in m.parameters())
         self.print(f"run {self.run_dir}  device {self.device} ({accel.device_name(self.device)})  "
                    f"precision {self.cfg.train.precision}")
-        self.print(f"data {ds.name}: {len(ds)} images {ds.resolution}x{ds.resolution}x{ds.channels}, "
+        self.print(f"data {ds.name}: {ds.resolution}x{ds.resolution}x{ds.channels} images, "
                    f"{ds.num_classes} classes   model {self.cfg.model.preset}: {params / 1e6:.2f}M params, "
                    f"{m.flops_per_forward() / 1e9:.3f} GFLOP/forward/image")
 

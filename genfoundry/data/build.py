@@ -1,0 +1,90 @@
+"""From a data config to what training needs: a resumable loader, the image shape, a fixed validation set."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from genfoundry.data.memory import InMemoryLoader
+from genfoundry.data.pipeline import DataPipeline
+from genfoundry.data.transforms import CenterCrop, Normalize, RandomHorizontalFlip, Resize
+from genfoundry.sources import SOURCES, load_images
+
+FOLDER_RESOLUTION = 64  # folders hold images of any size; this is the side they are brought to by default
+
+
+@dataclass
+class TrainingData:
+    loader: object             # next_batch() -> (images in [-1, 1] NCHW, labels); state_dict()/load_state_dict()
+    name: str
+    class_names: list[str]
+    resolution: int
+    channels: int
+    val_images: np.ndarray     # uint8 [N, H, W, C], the same every time
+    val_labels: np.ndarray
+
+    @property
+    def num_classes(self) -> int:
+        return max(1, len(self.class_names))
+
+
+def is_shard_set(source: str) -> bool:
+    return "://" in source or (Path(source) / "index.json").is_file()
+
+
+def training_data(cfg, batch_size: int, val_batch_size: int, seed: int, device) -> TrainingData:
+    """`cfg` is a DataConfig: a named dataset, an image folder, or a packed shard set (path or URL)."""
+    if is_shard_set(cfg.source):
+        return _from_shards(cfg, batch_size, val_batch_size, seed, device)
+    if cfg.source in SOURCES and (cfg.resolution or cfg.channels):
+        raise ValueError(f"'{cfg.source}' images are 28x28 grayscale; data.resolution and data.channels apply "
+                         f"to folders and shards")
+    train = load_images(cfg.source, cfg.split, cfg.resolution or FOLDER_RESOLUTION, cfg.channels or 3)
+    try:
+        val = load_images(cfg.source, cfg.val_split, cfg.resolution or FOLDER_RESOLUTION, cfg.channels or 3)
+    except ValueError:
+        val = train  # folders have no splits: the validation batch is then in-sample
+    loader = InMemoryLoader(train, batch_size, seed, device, cfg.hflip)
+    n = min(val_batch_size, len(val))
+    return TrainingData(loader, train.name, train.class_names, train.resolution, train.channels,
+                        val.images[:n], val.labels[:n])
+
+
+def _from_shards(cfg, batch_size, val_batch_size, seed, device) -> TrainingData:
+    from genfoundry.data.decode import image_size
+    from genfoundry.shards import ShardDataset
+
+    dataset = ShardDataset(cfg.source)
+    first, _ = dataset.read(0)
+    channels = cfg.channels or _channels_of(first)
+    resolution = cfg.resolution or min(image_size(first))
+
+    def pipeline(train: bool) -> DataPipeline:
+        p = DataPipeline(channels)
+        if cfg.resolution:
+            p.add_transform(Resize(resolution))
+            p.add_transform(CenterCrop(resolution))
+        if train and cfg.hflip:
+            p.add_transform(RandomHorizontalFlip())
+        return p
+
+    loader = pipeline(True).add_transform(Normalize([0.5] * channels, [0.5] * channels)).loader(
+        dataset, batch_size, device, seed, cfg.workers)
+    # The validation batch: the first global batch of another seed, without augmentation (in-sample).
+    val_loader = pipeline(False).loader(dataset, min(val_batch_size, len(dataset)), "cpu", seed + 1, 0, 0, 1)
+    val = next(iter(val_loader))
+    val_images = (val.images * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return TrainingData(loader, Path(str(cfg.source).rstrip("/")).name, dataset.class_names or [""], resolution,
+                        channels, val_images, val.labels.clamp(min=0).numpy())
+
+
+def _channels_of(data: bytes) -> int:
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        return 1 if im.mode in ("L", "1", "I;16") else 3
