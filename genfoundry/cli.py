@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=int, default=64, help="default: 64")
     b.add_argument("--images", type=int, default=2000, help="JPEGs to generate (default: 2000)")
     b.add_argument("--seconds", type=float, default=30.0, help="timed seconds per loader (default: 30)")
+    b.add_argument("--size", type=int, nargs=2, default=[500, 375], metavar=("W", "H"),
+                   help="JPEG size (default: 500 375)")
+    b.add_argument("--crop", type=int, default=256, help="RandomResizedCrop output side (default: 256)")
     b.add_argument("--baseline-python", help="a Python with torchvision for the baseline (default: none)")
     b.add_argument("--workdir", help="where the JPEGs and shards go (default: a new temporary directory)")
     b.add_argument("--out", help="write the results as JSON here")
@@ -124,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
             from genfoundry.bench.data import run as run_data
 
             run_data(args.workers, args.batch_size, args.images, args.seconds, baseline_python=args.baseline_python,
-                     device=args.device, out=args.out, workdir=args.workdir)
+                     device=args.device, out=args.out, workdir=args.workdir, width=args.size[0],
+                     height=args.size[1], crop=args.crop)
         elif args.command == "bench":
             from genfoundry.bench.throughput import run
 

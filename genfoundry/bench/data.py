@@ -24,9 +24,9 @@ MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 BASELINE = r'''
 import sys, time, json, torch, torchvision
 from torchvision import datasets, transforms as T
-folder, workers, batch, seconds, warmup = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
+folder, workers, batch, seconds, warmup, crop = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
 torch.set_num_threads(1)
-tf = T.Compose([T.RandomResizedCrop(256), T.RandomHorizontalFlip(), T.ToTensor(),
+tf = T.Compose([T.RandomResizedCrop(crop), T.RandomHorizontalFlip(), T.ToTensor(),
                 T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
 ds = datasets.ImageFolder(folder, transform=tf)
 dl = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
@@ -113,7 +113,8 @@ def _children(pid: int) -> list[int]:
     return kids + [g for k in kids for g in _children(k)]
 
 
-def genfoundry_throughput(shards: str, workers: int, batch: int, seconds: float, warmup: int, device: str) -> dict:
+def genfoundry_throughput(shards: str, workers: int, batch: int, seconds: float, warmup: int, device: str,
+                          crop: int = 256) -> dict:
     import torch
 
     from genfoundry import accel
@@ -121,7 +122,7 @@ def genfoundry_throughput(shards: str, workers: int, batch: int, seconds: float,
 
     torch.set_num_threads(1)
     pipeline = DataPipeline()
-    for t in (RandomResizedCrop(256), RandomHorizontalFlip(), Normalize(MEAN, STD)):
+    for t in (RandomResizedCrop(crop), RandomHorizontalFlip(), Normalize(MEAN, STD)):
         pipeline.add_transform(t)
     dev = accel.get_device(device)
     loader = pipeline.loader(shards, batch, device=dev, seed=0, num_workers=workers, rank=0, world_size=1)
@@ -141,28 +142,52 @@ def genfoundry_throughput(shards: str, workers: int, batch: int, seconds: float,
             "peak_rss_mb": max(m for _, m in rss.samples)}
 
 
+def raw_gpu_decode(folder: Path, batch: int, seconds: float, device: str) -> dict | None:
+    """Batched nvJPEG decode of the same files (torchvision.io.decode_jpeg on the device), no resize:
+    the reference a GPU-decode path is measured against. None where torchvision or the GPU is missing."""
+    try:
+        import torch
+        import torchvision.io
+    except ImportError:
+        return None
+    if not device.startswith("cuda"):
+        return None
+    data = [torchvision.io.read_file(str(p)) for p in sorted(folder.rglob("*.jpg"))]
+    batches = [data[i:i + batch] for i in range(0, len(data) - batch + 1, batch)]
+    for b in batches[:3]:
+        torchvision.io.decode_jpeg(b, device=device)
+    torch.cuda.synchronize()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for b in batches:
+            torchvision.io.decode_jpeg(b, device=device)
+            n += len(b)
+        torch.cuda.synchronize()
+    return {"images_per_s": n / (time.perf_counter() - t0), "torchvision": torchvision.__version__}
+
+
 def run(workers: int = 2, batch: int = 64, count: int = 2000, seconds: float = 30.0, warmup: int = 3,
         baseline_python: str | None = None, device: str = "cpu", out: str | None = None,
-        workdir: str | None = None) -> dict:
+        workdir: str | None = None, width: int = 500, height: int = 375, crop: int = 256) -> dict:
     from genfoundry.shards import pack
 
     work = Path(workdir or tempfile.mkdtemp(prefix="genfoundry-bench-data-"))
     folder = work / "jpegs"
     if not folder.exists():
         print(f"writing {count} JPEGs to {folder}", flush=True)
-        make_jpegs(folder, count)
+        make_jpegs(folder, count, width, height)
     shards = work / "shards"
     pack(str(folder), str(shards), samples_per_shard=500, progress=False)
-    ours = genfoundry_throughput(str(shards), workers, batch, seconds, warmup, device)
+    ours = genfoundry_throughput(str(shards), workers, batch, seconds, warmup, device, crop)
     print(f"genfoundry DataPipeline: {ours['images_per_s']:.0f} images/s "
           f"(peak RSS {ours['peak_rss_mb']:.0f} MB)", flush=True)
     result = {"format_version": 1, "benchmark": "data", "workers": workers, "batch_size": batch,
-              "images_on_disk": count, "image_size": [500, 375], "jpeg_quality": 90,
-              "pipeline": "RandomResizedCrop(256, scale=(0.08, 1)) -> RandomHorizontalFlip -> Normalize",
+              "images_on_disk": count, "image_size": [width, height], "jpeg_quality": 90,
+              "pipeline": f"RandomResizedCrop({crop}, scale=(0.08, 1)) -> RandomHorizontalFlip -> Normalize",
               "genfoundry": {k: v for k, v in ours.items()}, "cpu_count": os.cpu_count()}
     if baseline_python:
         proc = subprocess.run([baseline_python, "-c", BASELINE, str(folder), str(workers), str(batch),
-                               str(seconds), str(warmup)], capture_output=True, text=True)
+                               str(seconds), str(warmup), str(crop)], capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"baseline failed: {proc.stderr.strip().splitlines()[-1]}")
         base = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -170,6 +195,10 @@ def run(workers: int = 2, batch: int = 64, count: int = 2000, seconds: float = 3
         result["speedup"] = ours["images_per_s"] / base["images_per_s"]
         print(f"torchvision baseline: {base['images_per_s']:.0f} images/s; genfoundry is "
               f"{result['speedup']:.2f}x", flush=True)
+    raw = raw_gpu_decode(folder, batch, seconds, device)
+    if raw:
+        result["raw_gpu_decode"] = raw
+        print(f"raw batched decode_jpeg on {device} (no resize): {raw['images_per_s']:.0f} images/s", flush=True)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(result, indent=2))
