@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--size", type=int, nargs=2, default=[500, 375], metavar=("W", "H"),
                    help="JPEG size (default: 500 375)")
     b.add_argument("--crop", type=int, default=256, help="RandomResizedCrop output side (default: 256)")
+    b.add_argument("--decode", choices=["auto", "cpu", "gpu"], default="auto",
+                   help="where JPEGs are decoded (default: auto, the GPU where torchvision can)")
     b.add_argument("--baseline-python", help="a Python with torchvision for the baseline (default: none)")
     b.add_argument("--workdir", help="where the JPEGs and shards go (default: a new temporary directory)")
     b.add_argument("--out", help="write the results as JSON here")
@@ -128,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
 
             run_data(args.workers, args.batch_size, args.images, args.seconds, baseline_python=args.baseline_python,
                      device=args.device, out=args.out, workdir=args.workdir, width=args.size[0],
-                     height=args.size[1], crop=args.crop)
+                     height=args.size[1], crop=args.crop, decode=args.decode)
         elif args.command == "bench":
             from genfoundry.bench.throughput import run
 

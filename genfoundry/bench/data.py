@@ -114,7 +114,7 @@ def _children(pid: int) -> list[int]:
 
 
 def genfoundry_throughput(shards: str, workers: int, batch: int, seconds: float, warmup: int, device: str,
-                          crop: int = 256) -> dict:
+                          crop: int = 256, gpu_decode: bool | None = None) -> dict:
     import torch
 
     from genfoundry import accel
@@ -125,7 +125,8 @@ def genfoundry_throughput(shards: str, workers: int, batch: int, seconds: float,
     for t in (RandomResizedCrop(crop), RandomHorizontalFlip(), Normalize(MEAN, STD)):
         pipeline.add_transform(t)
     dev = accel.get_device(device)
-    loader = pipeline.loader(shards, batch, device=dev, seed=0, num_workers=workers, rank=0, world_size=1)
+    loader = pipeline.loader(shards, batch, device=dev, seed=0, num_workers=workers, rank=0, world_size=1,
+                             gpu_decode=gpu_decode)
     rss = _RssSampler()
     rss.start()
     it = iter(loader)
@@ -138,7 +139,7 @@ def genfoundry_throughput(shards: str, workers: int, batch: int, seconds: float,
     rate = n / (time.perf_counter() - t0)
     rss.stop.set()
     rss.join()
-    return {"images_per_s": rate, "images": n, "rss_mb_over_time": rss.samples,
+    return {"images_per_s": rate, "images": n, "decode": loader.mode, "rss_mb_over_time": rss.samples,
             "peak_rss_mb": max(m for _, m in rss.samples)}
 
 
@@ -168,7 +169,8 @@ def raw_gpu_decode(folder: Path, batch: int, seconds: float, device: str) -> dic
 
 def run(workers: int = 2, batch: int = 64, count: int = 2000, seconds: float = 30.0, warmup: int = 3,
         baseline_python: str | None = None, device: str = "cpu", out: str | None = None,
-        workdir: str | None = None, width: int = 500, height: int = 375, crop: int = 256) -> dict:
+        workdir: str | None = None, width: int = 500, height: int = 375, crop: int = 256,
+        decode: str = "auto") -> dict:
     from genfoundry.shards import pack
 
     work = Path(workdir or tempfile.mkdtemp(prefix="genfoundry-bench-data-"))
@@ -178,8 +180,9 @@ def run(workers: int = 2, batch: int = 64, count: int = 2000, seconds: float = 3
         make_jpegs(folder, count, width, height)
     shards = work / "shards"
     pack(str(folder), str(shards), samples_per_shard=500, progress=False)
-    ours = genfoundry_throughput(str(shards), workers, batch, seconds, warmup, device, crop)
-    print(f"genfoundry DataPipeline: {ours['images_per_s']:.0f} images/s "
+    gpu = {"auto": None, "gpu": True, "cpu": False}[decode]
+    ours = genfoundry_throughput(str(shards), workers, batch, seconds, warmup, device, crop, gpu)
+    print(f"genfoundry DataPipeline ({ours['decode']} decode): {ours['images_per_s']:.0f} images/s "
           f"(peak RSS {ours['peak_rss_mb']:.0f} MB)", flush=True)
     result = {"format_version": 1, "benchmark": "data", "workers": workers, "batch_size": batch,
               "images_on_disk": count, "image_size": [width, height], "jpeg_quality": 90,

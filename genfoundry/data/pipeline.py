@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from genfoundry import metrics
-from genfoundry.data.decode import DecodeError, decode, image_size
+from genfoundry.data.decode import JPEG_MAGIC, DecodeError, decode, image_size
 from genfoundry.data.order import GlobalBatches, global_order, sample_seed
 from genfoundry.data.transforms import (BatchTransform, Lambda, Normalize, RandomHorizontalFlip, SizeTransform,
                                         compose_plans)
@@ -99,65 +99,95 @@ class DataPipeline:
 
     def loader(self, dataset, global_batch_size: int, device="cpu", seed: int = 0, num_workers: int = 0,
                rank: int | None = None, world_size: int | None = None, prefetch: int = 2,
-               window: int = 4096) -> ShardLoader:
+               window: int = 4096, gpu_decode: bool | None = None) -> ShardLoader:
+        """Binds the pipeline to a shard set. `gpu_decode` None uses nvJPEG where torchvision can."""
         from genfoundry import accel
+        from genfoundry.data import gpu_decode as gpu
 
-        return ShardLoader(self, dataset, global_batch_size, torch.device(device), seed, num_workers,
+        device = torch.device(device)
+        if gpu_decode and not gpu.available(device):
+            raise ValueError(f"GPU decoding needs a CUDA device and torchvision with CUDA; device is '{device}'")
+        mode = "host" if device.type == "cpu" else ("gpu" if gpu_decode is not False and gpu.available(device) else "cpu")
+        return ShardLoader(self, dataset, global_batch_size, device, seed, num_workers,
                            accel.rank() if rank is None else rank,
-                           accel.world_size() if world_size is None else world_size, prefetch, window)
+                           accel.world_size() if world_size is None else world_size, prefetch, window, mode)
 
 
 class _BatchReader(torch.utils.data.Dataset):
     """Item k = this rank's slice of global batch k of one epoch, prepared on the CPU (runs in workers).
 
-    Without an accelerator the batch transforms run here too, so they are spread over the workers.
+    mode "host": decode and batch transforms here (no accelerator: spread over the workers);
+    "cpu": decode here, batch transforms on the device; "gpu": JPEGs leave as bytes with their planned
+    crop box, to be decoded on the GPU (other formats are still decoded here).
     """
 
-    def __init__(self, pipeline, dataset, batches: GlobalBatches, order, epoch, rank, world_size, on_host):
+    def __init__(self, pipeline, dataset, batches: GlobalBatches, order, epoch, rank, world_size, mode):
         self.pipeline, self.dataset, self.batches = pipeline, dataset, batches
         self.order, self.epoch, self.rank, self.world_size = order, epoch, rank, world_size
-        self.on_host = on_host
+        self.mode = mode
 
     def __len__(self):
         return self.batches.batches_per_epoch
 
+    def _payload(self, data: bytes, rng):
+        if self.mode == "gpu" and data[:2] == JPEG_MAGIC:
+            width, height = image_size(data)
+            plan = compose_plans(self.pipeline.size_transforms, width, height, rng)
+            params = [p for t in self.pipeline.batch_transforms for p in t.params(rng)]
+            return ("jpeg", data, plan), params
+        image, params = self.pipeline.prepare(data, rng)
+        return ("image", image, None), params
+
     def __getitem__(self, k):
         indices = self.batches.batch(self.order, k, self.rank, self.world_size)
-        images, params, labels, keys, failures = [], [], [], [], {}
+        payloads, params, labels, keys, failures = [], [], [], [], {}
         for slot, index in enumerate(indices):
             rng = sample_seed(self.batches.seed, self.epoch, int(index))
             keys.append(str(index))
             labels.append(-1)
-            images.append(None)
+            payloads.append(None)
             params.append(None)
             try:
                 data, meta = self.dataset.read(int(index))
                 keys[slot] = str(meta.get("key", index))
                 labels[slot] = -1 if meta.get("label") is None else int(meta["label"])
-                images[slot], params[slot] = self.pipeline.prepare(data, rng)
+                payloads[slot], params[slot] = self._payload(data, rng)
             except (DecodeError, ValueError, OSError) as e:
                 failures[slot] = f"{type(e).__name__}: {e}"
         if failures:
-            _substitute(images, params, labels, keys, failures)
-        sizes = {im.shape for im in images}
-        if len(sizes) > 1:
-            raise ValueError(f"samples of one batch have different sizes {sorted(sizes)}; end the size "
-                             f"transforms with a fixed-size crop or Resize((height, width))")
-        x = torch.from_numpy(np.stack(images))
-        p = torch.tensor(params, dtype=torch.float32).reshape(len(images), -1)
-        if self.on_host:
-            x = self.pipeline.apply_batch(x, p)
-        return indices, x, p, torch.tensor(labels, dtype=torch.int64), keys, failures
+            _substitute([payloads, params, labels], failures, keys)
+        p = torch.tensor(params, dtype=torch.float32).reshape(len(indices), -1)
+        y = torch.tensor(labels, dtype=torch.int64)
+        if self.mode == "gpu":
+            # One byte tensor for all JPEGs (one shared-memory transfer), images for the rest.
+            jpegs = [i for i, pl in enumerate(payloads) if pl[0] == "jpeg"]
+            blob = torch.frombuffer(bytearray(b"".join(payloads[i][1] for i in jpegs)) or bytearray(1),
+                                    dtype=torch.uint8)
+            lengths = [len(payloads[i][1]) for i in jpegs]
+            others = {i: torch.from_numpy(pl[1]) for i, pl in enumerate(payloads) if pl[0] == "image"}
+            x = (blob, lengths, jpegs, [payloads[i][2] for i in jpegs], others)
+        else:
+            images = [pl[1] for pl in payloads]
+            sizes = {im.shape for im in images}
+            if len(sizes) > 1:
+                raise ValueError(f"samples of one batch have different sizes {sorted(sizes)}; end the size "
+                                 f"transforms with a fixed-size crop or Resize((height, width))")
+            x = torch.from_numpy(np.stack(images))
+            if self.mode == "host":
+                x = self.pipeline.apply_batch(x, p)
+        return indices, x, p, y, keys, failures
 
 
-def _substitute(images, params, labels, keys, failures) -> None:
+def _substitute(columns: list, failures: dict, keys: list) -> None:
     """A corrupt sample's slot takes the next good sample of the same batch: size and order stay exact."""
-    good = [i for i in range(len(images)) if i not in failures]
+    n = len(columns[0])
+    good = [i for i in range(n) if i not in failures]
     if not good:
         raise ValueError(f"every sample of a batch failed to decode, e.g. {keys[0]}: {next(iter(failures.values()))}")
     for slot in failures:
         donor = next((g for g in good if g > slot), good[0])
-        images[slot], params[slot], labels[slot] = images[donor], params[donor], labels[donor]
+        for column in columns:
+            column[slot] = column[donor]
 
 
 class ShardLoader:
@@ -169,12 +199,12 @@ class ShardLoader:
     """
 
     def __init__(self, pipeline: DataPipeline, dataset, global_batch_size: int, device: torch.device, seed: int,
-                 num_workers: int, rank: int, world_size: int, prefetch: int, window: int):
+                 num_workers: int, rank: int, world_size: int, prefetch: int, window: int, mode: str = "host"):
         if isinstance(dataset, str):
             from genfoundry.shards import ShardDataset
 
             dataset = ShardDataset(dataset)
-        self.pipeline, self.dataset, self.device = pipeline, dataset, device
+        self.pipeline, self.dataset, self.device, self.mode = pipeline, dataset, device, mode
         sizes = [int(s["num_samples"]) for s in dataset.shards]
         self.batches = GlobalBatches(sizes, global_batch_size, seed, window)
         self.local_batch_size = self.batches.local_batch_size(world_size)
@@ -202,7 +232,7 @@ class ShardLoader:
         while True:
             order = global_order(self.batches.shard_sizes, self.batches.seed, self.epoch, self.batches.window)
             reader = _BatchReader(self.pipeline, self.dataset, self.batches, order, self.epoch, self.rank,
-                                  self.world_size, on_host=self.device.type == "cpu")
+                                  self.world_size, self.mode)
             start = self.batch
             loader = torch.utils.data.DataLoader(
                 reader, batch_size=None, sampler=range(start, len(reader)), num_workers=self.num_workers,
@@ -222,14 +252,42 @@ class ShardLoader:
         return b.images, b.labels
 
     def _finish(self, indices, images, params, labels, keys, failures) -> Batch:
+        if self.mode == "gpu":
+            images, late = self._decode_on_device(images, len(indices))
+            if late:  # failures only nvJPEG saw: substitute on the device
+                rows = [images, params, labels]
+                _substitute(rows, late, keys)
+                images = torch.stack(rows[0]) if isinstance(rows[0], list) else rows[0]
+                failures = {**failures, **late}
         metrics.report("data/corrupt_per_batch", len(failures))
         for slot, reason in failures.items():
             self.corrupt[keys[slot]] += 1
             self.corrupt_reasons[keys[slot]] = reason
-        if self.device.type != "cpu":
-            x, p, y = (t.to(self.device, non_blocking=True) for t in (images, params, labels))
-            return Batch(self.pipeline.apply_batch(x, p), y, keys, np.asarray(indices))
-        return Batch(images, labels, keys, np.asarray(indices))
+        if self.mode == "host":
+            return Batch(images, labels, keys, np.asarray(indices))
+        x, p, y = (t.to(self.device, non_blocking=True) for t in (images, params, labels))
+        return Batch(self.pipeline.apply_batch(x, p), y, keys, np.asarray(indices))
+
+    def _decode_on_device(self, packed, n: int):
+        from genfoundry.data import gpu_decode
+
+        blob, lengths, jpeg_slots, plans, others = packed
+        starts = np.concatenate([[0], np.cumsum(lengths)]).astype(int)
+        datas = [blob[starts[i]:starts[i + 1]] for i in range(len(lengths))]
+        sizes = {tuple(pl[1]) for pl in plans} | {(im.shape[1], im.shape[0]) for im in others.values()}
+        if len(sizes) > 1:
+            raise ValueError(f"samples of one batch have different sizes {sorted(sizes)}; end the size "
+                             f"transforms with a fixed-size crop or Resize((height, width))")
+        w, h = sizes.pop()
+        out = torch.empty((n, h, w, self.pipeline.channels), dtype=torch.uint8, device=self.device)
+        late = {}
+        if jpeg_slots:
+            decoded, failed = gpu_decode.decode_batch(datas, plans, self.pipeline.channels, self.device)
+            out[jpeg_slots] = decoded
+            late = {jpeg_slots[i]: reason for i, reason in failed.items()}
+        for slot, image in others.items():
+            out[slot] = image.to(self.device, non_blocking=True)
+        return (list(out.unbind(0)) if late else out), late
 
 
 def _collate(item):
