@@ -10,6 +10,8 @@ import io
 import math
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
 try:
@@ -58,6 +60,9 @@ def decode(data: bytes, box: tuple[float, float, float, float], out_size: tuple[
                 kwargs = {"min_width": math.ceil(width * out_size[0] / box_w),
                           "min_height": math.ceil(height * out_size[1] / box_h)}
             array = simplejpeg.decode_jpeg(data, colorspace="RGB" if channels == 3 else "GRAY", **kwargs)
+            scaled = _scale_box(box, array.shape[1] / width, array.shape[0] / height)
+            if all(abs(v - round(v)) < 1e-6 for v in scaled):
+                return _resample_whole_pixels(array, [round(v) for v in scaled], out_size)
             image = Image.fromarray(array[..., 0] if channels == 1 else array, mode)
         else:
             image = Image.open(io.BytesIO(data))
@@ -66,10 +71,25 @@ def decode(data: bytes, box: tuple[float, float, float, float], out_size: tuple[
             image = image.convert(mode)
     except Exception as e:  # corrupt data surfaces as many exception types
         raise DecodeError(f"{type(e).__name__}: {e}") from None
-    sx, sy = image.width / width, image.height / height
-    scaled = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+    scaled = _scale_box(box, image.width / width, image.height / height)
     if image.size == out_size and scaled == (0, 0, image.width, image.height):
         out = image
     else:
         out = image.resize(out_size, Image.Resampling.BILINEAR, box=scaled)
     return np.asarray(out, dtype=np.uint8).reshape(out_size[1], out_size[0], channels)
+
+
+def _scale_box(box, sx: float, sy: float) -> tuple[float, float, float, float]:
+    return box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy
+
+
+def _resample_whole_pixels(array: np.ndarray, box: list[int], out_size: tuple[int, int]) -> np.ndarray:
+    """Crop by slicing and resize with torch's vectorised uint8 antialiased bilinear filter: the same
+    triangle filter as Pillow's BILINEAR (within one grey level), about 3x faster here, and no copy of
+    the decoded image."""
+    x0, y0, x1, y1 = box
+    crop = torch.from_numpy(array)[y0:y1, x0:x1].permute(2, 0, 1)[None]
+    if crop.shape[2:] == (out_size[1], out_size[0]):
+        return np.ascontiguousarray(array[y0:y1, x0:x1])
+    out = F.interpolate(crop, size=(out_size[1], out_size[0]), mode="bilinear", antialias=True, align_corners=False)
+    return out[0].permute(1, 2, 0).numpy()

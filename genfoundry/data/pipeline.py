@@ -83,8 +83,8 @@ class DataPipeline:
         out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
         if torch.utils.data.get_worker_info() is not None:
             out.share_memory_()  # written in place, so handing it to the main process copies nothing
-        for c in range(channels):  # per channel, scalar operands: the conversion and the scale fuse
-            torch.mul(x[:, c], scale[c], out=out[:, c]).add_(shift[c])
+        for c in range(channels):  # shift + scale * x per channel: conversion, scale and shift in one pass
+            torch.add(torch.tensor(shift[c]), x[:, c], alpha=scale[c], out=out[:, c])
         x = out
         for t, cols in transforms:
             x = t.apply(x, params[:, cols])
