@@ -103,7 +103,7 @@ def load_fashion_mnist(split: str = "train", root: Path = FASHION_MNIST_DIR) -> 
     return ImageSet("fashion-mnist", images, labels, list(FASHION_MNIST_CLASSES))
 
 
-def _center_crop_resize(image, resolution: int):
+def center_crop_resize(image, resolution: int):
     from PIL import Image
 
     w, h = image.size
@@ -134,7 +134,7 @@ def load_folder(root: str | Path, resolution: int = 64, channels: int = 3) -> Im
     for p in paths:
         try:
             with Image.open(p) as im:
-                im = _center_crop_resize(im.convert(mode), resolution)
+                im = center_crop_resize(im.convert(mode), resolution)
                 images.append(np.asarray(im, dtype=np.uint8).reshape(resolution, resolution, channels))
         except (UnidentifiedImageError, OSError, ValueError) as e:
             skipped[str(p)] = f"{type(e).__name__}: {e}"

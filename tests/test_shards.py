@@ -64,9 +64,9 @@ def test_resize_mode_png_is_lossless_and_square(folder, tmp_path):
     data, meta = ds.read(0)
     image = Image.open(io.BytesIO(data))
     assert image.format == "PNG" and image.size == (16, 16)
-    from genfoundry.sources import _center_crop_resize
+    from genfoundry.sources import center_crop_resize
 
-    expected = _center_crop_resize(Image.open(meta["source"]).convert("RGB"), 16)
+    expected = center_crop_resize(Image.open(meta["source"]).convert("RGB"), 16)
     assert np.array_equal(np.asarray(image), np.asarray(expected))
 
 

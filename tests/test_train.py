@@ -26,6 +26,22 @@ def tiny_cfg(tmp_path, **overrides):
     return config.load("demo", {**TINY, "run.root": str(tmp_path), **overrides})
 
 
+def whole_and_split(tmp_path, common: dict) -> None:
+    """Runs 'whole' for 6 steps at once and 'split' for 3, then again to 6 (a restart from the checkpoint)."""
+    quiet = lambda *a, **k: None  # noqa: E731
+    common = {"train.checkpoint_every": 3, **common}
+    train(tiny_cfg(tmp_path, **common, **{"train.steps": 6, "run.name": "whole"}), quiet)
+    train(tiny_cfg(tmp_path, **common, **{"train.steps": 3, "run.name": "split"}), quiet)
+    train(tiny_cfg(tmp_path, **common, **{"train.steps": 6, "run.name": "split"}), quiet)
+
+
+def assert_same_final_weights(run_a, run_b) -> None:
+    for name in ("model", "ema"):
+        a = load_file(str(run_a / "final" / f"{name}.safetensors"))
+        b = load_file(str(run_b / "final" / f"{name}.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
 @pytest.mark.timeout(120)
 def test_steps_lower_the_loss_on_a_fixed_batch():
     torch.manual_seed(0)
@@ -72,15 +88,8 @@ def test_validation_loss_is_repeatable(tmp_path):
 @pytest.mark.timeout(240)
 def test_resume_is_bit_exact(tmp_path):
     """6 steps in one go equal 3 steps, a new process-like restart from the checkpoint, then 3 more."""
-    quiet = lambda *a, **k: None  # noqa: E731
-    common = {"train.checkpoint_every": 3, "train.precision": "bf16", "data.hflip": "true"}
-    train(tiny_cfg(tmp_path, **common, **{"train.steps": 6, "run.name": "whole"}), quiet)
-    train(tiny_cfg(tmp_path, **common, **{"train.steps": 3, "run.name": "split"}), quiet)
-    train(tiny_cfg(tmp_path, **common, **{"train.steps": 6, "run.name": "split"}), quiet)
-    for name in ("model", "ema"):
-        a = load_file(str(tmp_path / "whole" / "final" / f"{name}.safetensors"))
-        b = load_file(str(tmp_path / "split" / "final" / f"{name}.safetensors"))
-        assert all(torch.equal(a[k], b[k]) for k in a), name
+    whole_and_split(tmp_path, {"train.precision": "bf16", "data.hflip": "true"})
+    assert_same_final_weights(tmp_path / "whole", tmp_path / "split")
     whole = checkpoint.load(tmp_path / "whole" / "checkpoints" / "step-000000006.pt")
     split = checkpoint.load(tmp_path / "split" / "checkpoints" / "step-000000006.pt")
     assert whole["data"] == split["data"] and torch.equal(whole["generator"], split["generator"])
@@ -105,10 +114,7 @@ def test_kill_9_then_rerun_matches_uninterrupted_run(tmp_path):
     r = run_cli(*args, "--run.name=killed")
     assert r.returncode == 0, r.stderr
     assert "resumed from step" in r.stdout
-    for name in ("model", "ema"):
-        a = load_file(str(tmp_path / "whole" / "final" / f"{name}.safetensors"))
-        b = load_file(str(tmp_path / "killed" / "final" / f"{name}.safetensors"))
-        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert_same_final_weights(tmp_path / "whole", tmp_path / "killed")
 
 
 @pytest.mark.timeout(120)
@@ -147,14 +153,7 @@ def test_training_on_shards_resumes_exactly(tmp_path):
 
     shards = tmp_path / "shards"
     pack("mnist:test", str(shards), samples_per_shard=2500, progress=False)
-    quiet = lambda *a, **k: None  # noqa: E731
-    common = {"data.source": str(shards), "data.workers": 2, "train.checkpoint_every": 3}
-    train(tiny_cfg(tmp_path, **common, **{"train.steps": 6, "run.name": "whole"}), quiet)
-    train(tiny_cfg(tmp_path, **common, **{"train.steps": 3, "run.name": "split"}), quiet)
-    train(tiny_cfg(tmp_path, **common, **{"train.steps": 6, "run.name": "split"}), quiet)
-    for name in ("model", "ema"):
-        a = load_file(str(tmp_path / "whole" / "final" / f"{name}.safetensors"))
-        b = load_file(str(tmp_path / "split" / "final" / f"{name}.safetensors"))
-        assert all(torch.equal(a[k], b[k]) for k in a), name
+    whole_and_split(tmp_path, {"data.source": str(shards), "data.workers": 2})
+    assert_same_final_weights(tmp_path / "whole", tmp_path / "split")
     meta = json.loads((tmp_path / "whole" / "final" / "model.json").read_text())
     assert meta["arch"]["image_size"] == 28 and meta["arch"]["in_channels"] == 1 and meta["arch"]["num_classes"] == 10

@@ -81,14 +81,20 @@ class Resize(SizeTransform):
         return (0, 0, width, height), out
 
 
+def _crop_size(transform, width: int, height: int) -> tuple[int, int]:
+    """(w, h) of a fixed-size crop, checked against the image it is cut from."""
+    h, w = _pair(transform.size)
+    if w > width or h > height:
+        raise ValueError(f"{type(transform).__name__} {h}x{w} is larger than the {height}x{width} image; resize first")
+    return w, h
+
+
 @dataclass
 class CenterCrop(SizeTransform):
     size: int | tuple[int, int]
 
     def plan(self, width, height, rng):
-        h, w = _pair(self.size)
-        if w > width or h > height:
-            raise ValueError(f"CenterCrop {h}x{w} is larger than the {height}x{width} image; resize first")
+        w, h = _crop_size(self, width, height)
         x0, y0 = (width - w) // 2, (height - h) // 2
         return (x0, y0, x0 + w, y0 + h), (w, h)
 
@@ -98,9 +104,7 @@ class RandomCrop(SizeTransform):
     size: int | tuple[int, int]
 
     def plan(self, width, height, rng):
-        h, w = _pair(self.size)
-        if w > width or h > height:
-            raise ValueError(f"RandomCrop {h}x{w} is larger than the {height}x{width} image; resize first")
+        w, h = _crop_size(self, width, height)
         x0 = int(rng.integers(0, width - w + 1))
         y0 = int(rng.integers(0, height - h + 1))
         return (x0, y0, x0 + w, y0 + h), (w, h)

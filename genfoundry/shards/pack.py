@@ -105,9 +105,9 @@ def _encode(item: Item, resolution: int | None, image_format: str, quality: int,
     if resolution is None and image_format == "keep" and data is not None:
         return data, ext, original
     if resolution is not None:
-        from genfoundry.sources import _center_crop_resize
+        from genfoundry.sources import center_crop_resize
 
-        image = _center_crop_resize(image.convert("L" if image.mode in ("L", "1") else "RGB"), resolution)
+        image = center_crop_resize(image.convert("L" if image.mode in ("L", "1") else "RGB"), resolution)
     fmt = image_format if image_format != "keep" else ("png" if max(image.size) <= 64 or ext == "png" else "jpeg")
     buf = io.BytesIO()
     if fmt == "jpeg":
