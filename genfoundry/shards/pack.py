@@ -1,214 +1,381 @@
 """Pack images into WebDataset-layout tar shards with per-shard offsets and a checksummed index.
 
-A shard is complete when its sidecar `shard-NNNNNN.json` exists (written last, atomically), so a pack
-interrupted at any point is resumed by running it again: complete shards are not redone.
+Shard n holds inputs n*S .. n*S+S-1 of the sorted input list (S = samples_per_shard), so every shard
+can be written independently, in parallel, and redone alone. A shard is complete when its index file
+exists, matches the tar's size and was made from the same inputs and options; running the same pack
+again therefore redoes only what is missing or stale.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import os
-import tarfile
+import re
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 
-from genfoundry.shards.index import FORMAT_VERSION, ShardError, shard_name, write_json_atomic
-from genfoundry.sources import IMAGE_SUFFIXES, SOURCES, load_images
+from genfoundry.shards.index import (FAILURES_NAME, FORMAT_VERSION, INDEX_NAME, SHARD_FILE, TAR_BLOCK, TAR_RECORD,
+                                     TEMP_FILE, ShardError, encode_json, idx_name, read_shard_index, sample_key,
+                                     sha256_bytes, sha256_file, tar_name, ustar_header, write_atomic)
+from genfoundry.sources import IMAGE_SUFFIXES, SOURCES, SourceError, center_crop_resize, load_images
 
-FORMATS = {"keep", "jpeg", "png"}
+FORMATS = ("keep", "jpeg", "png")
+SMALL_SIDE = 64  # at or below this side, JPEG artefacts are a large share of the signal: store PNG
+# Extensions WebDataset decoders recognise, by the format PIL detects (not the file's suffix, which lies).
+_EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp",
+               "TIFF": "tiff"}
+_LOSSY = {"JPEG", "MPO"}
+ORIENTATION = 0x0112  # the EXIF tag
 
 
-@dataclass
-class Item:
-    """One input: where it comes from and what we know of it before decoding."""
+@dataclass(frozen=True)
+class Input:
+    """One input before decoding: where it comes from and what the listing says about it."""
 
-    source: str               # a file path, or 'dataset:split:index'
+    source: str               # an absolute file path, or 'dataset:split:index'
     label: int | None = None
     class_name: str | None = None
     caption: str | None = None
 
 
-def list_inputs(src: str) -> tuple[list[Item], list[str]]:
-    """Inputs in a deterministic order, and the class names."""
-    name, _, split = src.partition(":")
+@dataclass
+class Inputs:
+    items: list[Input]
+    class_names: list[str]
+    arrays: np.ndarray | None = None  # uint8 [N, H, W, C] pixels when the source is a dataset
+
+
+@dataclass
+class _Task:
+    out: str
+    number: int
+    first: int
+    items: list[Input]
+    arrays: np.ndarray | None
+    encoding: dict
+    recipe: str
+
+
+def list_inputs(src: str) -> Inputs:
+    """The inputs of `src` in the order they are packed, and the class names."""
+    name, _, split = str(src).partition(":")
     if name in SOURCES:
-        images = load_images(name, split or "train")
-        return ([Item(f"{name}:{split or 'train'}:{i}", int(y), images.class_names[y])
-                 for i, y in enumerate(images.labels)], images.class_names)
-    path = Path(src)
+        split = split or "train"
+        try:
+            images = load_images(name, split)
+        except SourceError as e:
+            raise ShardError(str(e)) from None
+        items = [Input(f"{name}:{split}:{i}", int(y), images.class_names[int(y)])
+                 for i, y in enumerate(images.labels)]
+        return Inputs(items, list(images.class_names), images.images)
+    path = Path(os.path.expanduser(src))
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise ShardError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under '{src}'")
-        classes = sorted({p.relative_to(path).parts[0] for p in files if len(p.relative_to(path).parts) > 1})
-        items = []
-        for p in files:
-            parts = p.relative_to(path).parts
-            cls = parts[0] if len(parts) > 1 else None
-            items.append(Item(str(p), classes.index(cls) if cls else None, cls))
-        return items, classes
-    if path.suffix.lower() in (".csv", ".parquet") and path.is_file():
+        return _list_folder(path)
+    if path.is_file() and path.suffix.lower() in (".csv", ".parquet"):
         return _list_file(path)
-    raise ShardError(f"'{src}' is not an image folder, a .csv/.parquet list or one of {sorted(SOURCES)}")
+    if path.is_file():
+        raise ShardError(f"'{src}' is a file but not a .csv or .parquet list of images")
+    raise ShardError(f"source '{src}' does not exist: give an image folder, a .csv/.parquet list with a 'path' "
+                     f"column, or one of {', '.join(f'{s}[:split]' for s in sorted(SOURCES))}")
 
 
-def _list_file(path: Path) -> tuple[list[Item], list[str]]:
-    if path.suffix.lower() == ".csv":
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        columns = set(rows[0]) if rows else set()
-    else:
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path)
-        rows, columns = table.to_pylist(), set(table.column_names)
-    if "path" not in columns:
-        raise ShardError(f"'{path}' has no 'path' column (columns: {sorted(columns)})")
-    labels = [r.get("label") for r in rows]
-    named = sorted({str(x) for x in labels if x not in (None, "") and not str(x).lstrip("-").isdigit()})
+def _list_folder(root: Path) -> Inputs:
+    root = Path(os.path.abspath(root))
+    files = sorted((p.relative_to(root).as_posix(), p) for p in root.rglob("*")
+                   if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise ShardError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under '{root}'")
+    # As in sources.load_folder: the first folder level names the class; files at the top have none.
+    classes = sorted({rel.split("/")[0] for rel, _ in files if "/" in rel})
     items = []
-    for r, label in zip(rows, labels):
-        if label in (None, ""):
-            idx, cls = None, None
-        elif str(label).lstrip("-").isdigit():
-            idx, cls = int(label), None
-        else:
-            idx, cls = named.index(str(label)), str(label)
-        items.append(Item(str((path.parent / r["path"]).resolve()), idx, cls, r.get("caption") or None))
-    return items, named
+    for rel, p in files:
+        cls = rel.split("/")[0] if "/" in rel else None
+        items.append(Input(str(p), classes.index(cls) if cls else None, cls))
+    return Inputs(items, classes)
 
 
-def _encode(item: Item, resolution: int | None, image_format: str, quality: int, dataset_cache: dict):
-    """(bytes, extension, original size) of one input; raises on an input that does not decode."""
-    from PIL import Image
+def _read_rows(path: Path) -> tuple[list[dict], list[str]]:
+    if path.suffix.lower() == ".csv":
+        try:
+            with open(path, newline="", encoding="utf-8-sig") as f:
+                reader = csv.DictReader(f)
+                rows = list(reader)
+                return rows, list(reader.fieldnames or [])
+        except (UnicodeDecodeError, csv.Error) as e:
+            raise ShardError(f"'{path}' is not a readable CSV file: {e}") from None
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ShardError(f"reading '{path}' needs pyarrow: pip install 'genfoundry[parquet]'") from None
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises its own error types for a file that is not Parquet
+        raise ShardError(f"'{path}' is not a readable Parquet file: {type(e).__name__}: {e}") from None
+    return table.to_pylist(), list(table.column_names)
 
-    if item.source.count(":") == 2 and item.source.split(":")[0] in SOURCES:
-        name, split, index = item.source.split(":")
-        if (name, split) not in dataset_cache:
-            dataset_cache[(name, split)] = load_images(name, split).images
-        array = dataset_cache[(name, split)][int(index)]
-        image = Image.fromarray(array[..., 0] if array.shape[2] == 1 else array)
-        original, data, ext = image.size, None, "png"
+
+def _as_int(value) -> int | None:
+    """An integer label written as 3, 3.0 or "3"; None for a class name."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and re.fullmatch(r"\s*\d+\s*", value):
+        return int(value)
+    return None
+
+
+def _list_file(path: Path) -> Inputs:
+    rows, columns = _read_rows(path)
+    if "path" not in columns:
+        raise ShardError(f"'{path}' has no 'path' column (its columns: {', '.join(columns) or 'none'})")
+    if not rows:
+        raise ShardError(f"'{path}' lists no images")
+    base = Path(os.path.abspath(path.parent))
+    # Missing labels are None; NaN comes from pandas writing a column with gaps.
+    raw = [r.get("label") for r in rows]
+    raw = [None if v is None or v == "" or (isinstance(v, float) and v != v) else v for v in raw]
+    given = [v for v in raw if v is not None]
+    ints = [_as_int(v) for v in given]
+    if given and all(i is not None for i in ints):
+        class_names = [str(i) for i in range(max(ints) + 1)]
+    elif any(i is not None for i in ints):
+        raise ShardError(f"the 'label' column of '{path}' mixes integers and class names; use one or the other")
+    else:
+        class_names = sorted({str(v) for v in given})
+    items = []
+    for row, value in zip(rows, raw):
+        label = None if value is None else (_as_int(value) if _as_int(value) is not None
+                                            else class_names.index(str(value)))
+        caption = row.get("caption")
+        caption = None if caption is None or caption == "" or caption != caption else str(caption)
+        file = Path(str(row["path"] or ""))
+        items.append(Input(os.path.normpath(file if file.is_absolute() else base / file), label,
+                           None if label is None else class_names[label], caption))
+    return Inputs(items, class_names)
+
+
+def _reason(e: Exception) -> str:
+    # Messages can carry object addresses; strip them so that a redone shard's index is byte-identical.
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(e).__name__}: {e}")
+
+
+def _to_8bit(image):
+    if image.mode.startswith("I;16"):  # 16-bit grey: PIL's convert('L') would clip instead of scale
+        from PIL import Image
+
+        return Image.fromarray((np.asarray(image, dtype=np.float64) / 257.0).round().astype(np.uint8))
+    mode = "L" if image.mode in ("1", "L", "LA", "I", "F") else "RGB"
+    return image if image.mode == mode else image.convert(mode)
+
+
+def encode(item: Input, array: np.ndarray | None, resolution: int | None, image_format: str,
+           quality: int) -> tuple[bytes, str, tuple[int, int]]:
+    """(bytes, extension, original (w, h)) of one input; raises if the input does not decode."""
+    from PIL import Image, ImageOps
+
+    if array is not None:
+        image, data, kind = Image.fromarray(array[..., 0] if array.shape[2] == 1 else array), None, "PNG"
     else:
         with open(item.source, "rb") as f:
             data = f.read()
         image = Image.open(io.BytesIO(data))
-        image.load()  # decode fully: a truncated or corrupt file fails here, not in training
-        original = image.size
-        ext = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}.get(image.format, (image.format or "img").lower())
-    if resolution is None and image_format == "keep" and data is not None:
-        return data, ext, original
+        image.load()  # a full decode, so that a truncated file fails here rather than in training
+        kind = image.format
+    original = image.size
+    if data is not None and resolution is None and image_format == "keep":
+        return data, _EXTENSIONS.get(kind) or Path(item.source).suffix.lower().lstrip(".") or "img", original
+    # Re-encoding drops EXIF, so its orientation must be applied to the pixels now.
+    if array is None and image.getexif().get(ORIENTATION, 1) != 1:
+        image = ImageOps.exif_transpose(image)
+    image = _to_8bit(image)
     if resolution is not None:
-        from genfoundry.sources import center_crop_resize
-
-        image = center_crop_resize(image.convert("L" if image.mode in ("L", "1") else "RGB"), resolution)
-    fmt = image_format if image_format != "keep" else ("png" if max(image.size) <= 64 or ext == "png" else "jpeg")
-    buf = io.BytesIO()
+        # The same crop and filter as sources.load_folder: shards and in-memory folders give equal pixels.
+        image = center_crop_resize(image, resolution)
+    fmt = image_format
+    if fmt == "keep":
+        fmt = "jpeg" if kind in _LOSSY and max(image.size) > SMALL_SIDE else "png"
     if fmt == "jpeg":
-        image.convert("RGB" if image.mode != "L" else "L").save(buf, "JPEG", quality=quality)
-    else:
-        image.save(buf, "PNG")
-    return buf.getvalue(), "jpg" if fmt == "jpeg" else "png", original
+        import simplejpeg
+
+        pixels = np.asarray(image)
+        gray = pixels.ndim == 2
+        data = simplejpeg.encode_jpeg(np.ascontiguousarray(pixels[..., None] if gray else pixels), quality=quality,
+                                      colorspace="GRAY" if gray else "RGB", colorsubsampling="444")
+        return data, "jpg", original
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue(), "png", original
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> tuple[int, int]:
-    """Appends a member; returns where its data starts in the file and its size."""
-    start = tar.offset + tarfile.BLOCKSIZE  # a USTAR header with a short name is one block
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o644
-    tar.addfile(info, io.BytesIO(data))
-    return start, len(data)
+class _TarWriter:
+    """Appends members to an uncompressed tar, knowing where each member's data starts."""
+
+    def __init__(self, f):
+        self.f, self.offset = f, 0
+
+    def add(self, name: str, data: bytes) -> tuple[int, int]:
+        """Writes a member; returns the offset of its data in the file, and its size."""
+        start = self.offset + TAR_BLOCK
+        pad = -len(data) % TAR_BLOCK
+        self.f.write(ustar_header(name, len(data)))
+        self.f.write(data)
+        self.f.write(b"\0" * pad)
+        self.offset = start + len(data) + pad
+        return start, len(data)
+
+    def finish(self) -> None:
+        end = self.offset + 2 * TAR_BLOCK  # two zero blocks mark the end of the archive
+        self.f.write(b"\0" * (2 * TAR_BLOCK + (-end % TAR_RECORD)))
 
 
-def write_shard(task) -> dict:
-    """Writes one shard (temporary name, then rename) and its sidecar; returns the sidecar."""
-    out, number, first, items, resolution, image_format, quality = task
-    out = Path(out)
-    name = shard_name(number)
-    tmp = out / f".{name}.tar.tmp{os.getpid()}"
-    offsets, failures, cache = [], [], {}
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for k, item in enumerate(items):
-            key = f"{first + k:09d}"
+def write_shard(task: _Task) -> dict:
+    """Writes one shard's tar, then its index file (both atomically); returns the shard's record."""
+    out = Path(task.out)
+    tar_path, idx_path = out / tar_name(task.number), out / idx_name(task.number)
+    tmp = out / f".{tar_path.name}.tmp{os.getpid()}"
+    keys, offsets, failures = [], [], []
+    with open(tmp, "wb", buffering=1 << 20) as f:
+        tar = _TarWriter(f)
+        for k, item in enumerate(task.items):
+            key = sample_key(task.first + k)
             try:
-                data, ext, original = _encode(item, resolution, image_format, quality, cache)
+                data, ext, original = encode(item, None if task.arrays is None else task.arrays[k], **task.encoding)
             except Exception as e:  # any decoder error: record it, leave the input out, go on
-                failures.append({"source": item.source, "reason": f"{type(e).__name__}: {e}"})
+                failures.append({"source": item.source, "reason": _reason(e)})
                 continue
             meta = {"key": key, "label": item.label, "class_name": item.class_name, "caption": item.caption,
                     "original_size": list(original), "source": item.source}
-            image_at = _add(tar, f"{key}.{ext}", data)
-            json_at = _add(tar, f"{key}.json", json.dumps(meta).encode())
-            offsets.append((*image_at, *json_at))
-    tar_path = out / f"{name}.tar"
+            image_at = tar.add(f"{key}.{ext}", data)
+            meta_at = tar.add(f"{key}.json", encode_json(meta))
+            keys.append(key)
+            offsets.append([*image_at, *meta_at])
+        tar.finish()
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, tar_path)
-    np.save(out / f"{name}.offsets.npy", np.asarray(offsets, dtype=np.int64).reshape(-1, 4))
-    digest = hashlib.sha256(tar_path.read_bytes()).hexdigest()
-    sidecar = {"format_version": FORMAT_VERSION, "name": f"{name}.tar", "num_samples": len(offsets),
-               "bytes": tar_path.stat().st_size, "sha256": digest, "first_input": first, "failures": failures}
-    write_json_atomic(out / f"{name}.json", sidecar)
-    return sidecar
+    idx = {"format_version": FORMAT_VERSION, "name": tar_path.name, "bytes": tar_path.stat().st_size,
+           "sha256": sha256_file(tar_path), "recipe": task.recipe, "first_input": task.first,
+           "num_inputs": len(task.items), "num_samples": len(keys), "keys": keys, "offsets": offsets,
+           "failures": failures}
+    data = encode_json(idx)
+    write_atomic(idx_path, data)
+    return _record(task.number, idx, data)
+
+
+def _record(number: int, idx: dict, idx_bytes: bytes) -> dict:
+    return {"number": number, "name": idx["name"], "index": idx_name(number), "num_inputs": idx["num_inputs"],
+            "num_samples": idx["num_samples"], "bytes": idx["bytes"], "sha256": idx["sha256"],
+            "index_sha256": sha256_bytes(idx_bytes), "failures": idx["failures"]}
+
+
+def _finished(out: Path, number: int, recipe: str) -> dict | None:
+    """The record of a shard a previous run completed from the same inputs and options, else None."""
+    tar_path, idx_path = out / tar_name(number), out / idx_name(number)
+    if not (tar_path.is_file() and idx_path.is_file()):
+        return None
+    data = idx_path.read_bytes()
+    try:
+        idx = read_shard_index(data, idx_path.name)
+    except ShardError:
+        return None
+    if idx.get("recipe") != recipe or idx.get("bytes") != tar_path.stat().st_size:
+        return None
+    return _record(number, idx, data)
+
+
+def _run(tasks: list[_Task], workers: int):
+    if min(workers, len(tasks)) <= 1:
+        yield from map(write_shard, tasks)
+        return
+    # spawn, not fork: the caller may hold threads (torch, tqdm) that a forked child would inherit locked.
+    with get_context("spawn").Pool(min(workers, len(tasks))) as pool:
+        yield from pool.imap_unordered(write_shard, tasks)
+
+
+def _tidy(out: Path, num_shards: int, rewriting: bool) -> None:
+    """Removes temporary files of interrupted runs and shards beyond the new count.
+
+    index.json goes first when shards will change: its presence means that the set is complete.
+    """
+    extra = [p for p in out.iterdir() if (m := SHARD_FILE.match(p.name)) and int(m.group(1)) >= num_shards]
+    if rewriting or extra:
+        (out / INDEX_NAME).unlink(missing_ok=True)
+    for p in extra + [p for p in out.iterdir() if TEMP_FILE.match(p.name)]:
+        p.unlink(missing_ok=True)
 
 
 def pack(src: str, out: str, samples_per_shard: int = 1000, resolution: int | None = None,
          image_format: str = "keep", quality: int = 90, workers: int = 0, progress: bool = True) -> dict:
-    """Packs `src` (folder, .csv/.parquet list, 'mnist[:split]', 'fashion-mnist[:split]') into `out`."""
-    if image_format not in FORMATS:
-        raise ShardError(f"image format must be one of {sorted(FORMATS)}, got '{image_format}'")
-    if samples_per_shard < 1:
-        raise ShardError(f"samples per shard must be at least 1, got {samples_per_shard}")
-    items, class_names = list_inputs(src)
-    outdir = Path(out)
-    outdir.mkdir(parents=True, exist_ok=True)
-    options = {"source": src, "samples_per_shard": samples_per_shard, "resolution": resolution,
-               "image_format": image_format, "quality": quality}
-    tasks, done = [], {}
-    for number, first in enumerate(range(0, len(items), samples_per_shard)):
-        sidecar = outdir / f"{shard_name(number)}.json"
-        tar = outdir / f"{shard_name(number)}.tar"
-        if sidecar.is_file() and tar.is_file():
-            meta = json.loads(sidecar.read_text())
-            if meta["bytes"] == tar.stat().st_size:
-                done[number] = meta
-                continue
-        tasks.append((str(outdir), number, first, items[first:first + samples_per_shard], resolution,
-                      image_format, quality))
-    workers = workers or os.cpu_count() or 1
-    results = dict(done)
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    """Packs `src` into shards under `out`; returns the dataset index (also written to out/index.json).
 
-        bar = tqdm(total=len(tasks) + len(done), initial=len(done), unit="shard", desc=f"pack {src}")
-    if workers == 1 or len(tasks) <= 1:
-        mapped = map(write_shard, tasks)
-    else:
-        pool = get_context("spawn").Pool(min(workers, len(tasks)))
-        mapped = pool.imap_unordered(write_shard, tasks)
-    for sidecar in mapped:
-        results[int(sidecar["name"][6:12])] = sidecar
-        if bar:
-            bar.update()
-    if bar:
-        bar.close()
-    if workers > 1 and len(tasks) > 1:
-        pool.close()
-        pool.join()
+    `src`: an image folder, a .csv/.parquet list with a 'path' column (and optional 'label', 'caption'),
+    or 'mnist[:split]' / 'fashion-mnist[:split]'. With resolution=None and image_format='keep' the
+    original bytes are stored; otherwise images are re-encoded (centre-cropped and resized when
+    `resolution` is given) as 'jpeg' (at `quality`) or lossless 'png'.
+    """
+    if image_format not in FORMATS:
+        raise ShardError(f"image format must be one of {', '.join(FORMATS)}, got '{image_format}'")
+    for what, value, low in (("samples per shard", samples_per_shard, 1), ("workers", workers, 0),
+                             ("resolution", 1 if resolution is None else resolution, 1)):
+        if not isinstance(value, int) or value < low:
+            raise ShardError(f"{what} must be an integer of at least {low}, got {value!r}")
+    if not (isinstance(quality, int) and 1 <= quality <= 100):
+        raise ShardError(f"JPEG quality must be an integer from 1 to 100, got {quality!r}")
+    inputs = list_inputs(src)
+    outdir = Path(os.path.expanduser(out))
+    if outdir.exists() and not outdir.is_dir():
+        raise ShardError(f"output '{out}' exists and is not a directory")
+    outdir.mkdir(parents=True, exist_ok=True)
+    encoding = {"resolution": resolution, "image_format": image_format, "quality": quality}
+    num_shards = -(-len(inputs.items) // samples_per_shard)
+
+    records, tasks = {}, []
+    for number in range(num_shards):
+        first = number * samples_per_shard
+        items = inputs.items[first:first + samples_per_shard]
+        recipe = sha256_bytes(encode_json({"encoding": encoding, "first": first,
+                                           "inputs": [[i.source, i.label, i.class_name, i.caption] for i in items]}))
+        done = _finished(outdir, number, recipe)
+        if done:
+            records[number] = done
+        else:
+            arrays = None if inputs.arrays is None else inputs.arrays[first:first + samples_per_shard]
+            tasks.append(_Task(str(outdir), number, first, items, arrays, encoding, recipe))
+    _tidy(outdir, num_shards, rewriting=bool(tasks))
+
+    from tqdm import tqdm
+
+    failed = sum(len(r["failures"]) for r in records.values())
+    with tqdm(total=len(inputs.items), initial=sum(r["num_inputs"] for r in records.values()), unit="img",
+              desc=f"pack {Path(str(src)).name or src}", disable=not progress, dynamic_ncols=True) as bar:
+        for record in _run(tasks, workers or os.cpu_count() or 1):
+            records[record["number"]] = record
+            failed += len(record["failures"])
+            bar.set_postfix(failed=failed, refresh=False)
+            bar.update(record["num_inputs"])
+
     shards, failures, start = [], [], 0
-    for number in sorted(results):
-        s = results[number]
-        shards.append({k: s[k] for k in ("name", "num_samples", "bytes", "sha256")} | {"first_sample": start})
-        start += s["num_samples"]
-        failures += s["failures"]
-    with open(outdir / "failures.jsonl", "w") as f:
-        f.writelines(json.dumps(x) + "\n" for x in failures)
-    index = {"format_version": FORMAT_VERSION, "num_samples": start, "num_inputs": len(items),
-             "num_failures": len(failures), "class_names": class_names, "options": options, "shards": shards}
-    write_json_atomic(outdir / "index.json", index)
+    for number in range(num_shards):
+        r = records[number]
+        shards.append({"name": r["name"], "index": r["index"], "num_samples": r["num_samples"], "bytes": r["bytes"],
+                       "sha256": r["sha256"], "index_sha256": r["index_sha256"], "first_sample": start})
+        start += r["num_samples"]
+        failures += r["failures"]
+    write_atomic(outdir / FAILURES_NAME, "".join(json.dumps(f) + "\n" for f in failures).encode())
+    if start == 0:
+        raise ShardError(f"none of the {len(inputs.items)} inputs of '{src}' could be decoded; "
+                         f"the reasons are in {outdir / FAILURES_NAME}")
+    index = {"format_version": FORMAT_VERSION, "num_samples": start, "num_inputs": len(inputs.items),
+             "num_failures": len(failures), "class_names": inputs.class_names,
+             "options": {"source": str(src), "samples_per_shard": samples_per_shard, **encoding},
+             "shards": shards}
+    write_atomic(outdir / INDEX_NAME, json.dumps(index, indent=1).encode())
     return index
