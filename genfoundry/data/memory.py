@@ -50,12 +50,13 @@ class InMemoryLoader:
             self.epoch, self.position = self.epoch + 1, 0
             self._order = epoch_permutation(len(self.images), self.seed, self.epoch)
         idx = self._order[self.position:self.position + self.batch_size]
-        self.position += self.batch_size
         x = self.images[idx].to(self.device, non_blocking=True).float().div_(127.5).sub_(1.0)
         if self.hflip:
-            # Flip decisions come from the sample indices so that they too survive a resume.
-            flip = (torch.from_numpy(np.asarray(idx)) * 2654435761 + self.epoch) % 2 == 1
+            # Seeded by the position, which the checkpoint holds, so flips survive a resume too.
+            gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + self.position)
+            flip = torch.rand(len(idx), generator=gen) < 0.5
             x = torch.where(flip.to(self.device).view(-1, 1, 1, 1), x.flip(3), x)
+        self.position += self.batch_size
         return x, self.labels[idx].to(self.device, non_blocking=True)
 
     def __iter__(self):
