@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
 
-from genfoundry.data import (CenterCrop, ColorJitter, DataPipeline, Normalize, RandomCrop, RandomHorizontalFlip,
+from genfoundry.data import (ColorJitter, DataPipeline, Normalize, RandomCrop, RandomHorizontalFlip,
                              RandomResizedCrop, Resize)
 from genfoundry.data.decode import decode, image_size
 from genfoundry.data.order import GlobalBatches, global_order

@@ -68,7 +68,7 @@ class DataPipeline:
         Leading flips run on the uint8 data (a quarter of the bytes), and a Normalize that follows them
         is folded into the conversion to float, so the common recipe costs one pass over the floats.
         """
-        transforms, col = list(zip(self.batch_transforms, self._param_columns())), 0
+        transforms = list(zip(self.batch_transforms, self._param_columns()))
         x = images_uint8
         while transforms and isinstance(transforms[0][0], RandomHorizontalFlip):
             t, cols = transforms.pop(0)
