@@ -8,7 +8,7 @@ import sys
 from genfoundry import config as config_lib
 
 OVERRIDE_HELP = ("config overrides as --section.key=value (e.g. --train.lr=3e-4 --run.name=exp1); "
-                 "sections: run, data, model, diffusion, train, sample, eval")
+                 "sections: run, data, model, diffusion, train, parallel, sample, eval")
 
 
 def _config_args(p: argparse.ArgumentParser, default_recipe: str | None) -> None:

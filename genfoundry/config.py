@@ -66,7 +66,9 @@ class DiffusionConfig:
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 128           # images per optimizer step
+    global_batch_size: int = 128    # images per optimizer step, over all ranks and micro-batches
+    micro_batch_size: int = 0       # images per forward/backward on one rank; 0: the largest that fits
+                                    # (searched on an accelerator; global / world on a CPU)
     steps: int = 1000               # total optimizer steps
     lr: float = 1e-3                # peak learning rate
     warmup_steps: int = 100         # linear warm-up from 0 to lr
@@ -79,6 +81,7 @@ class TrainConfig:
     precision: str = "fp32"         # fp32 | bf16 | fp16 (fp16 uses a dynamic loss scaler)
     loss_scale_init: float = 2.0**16  # fp16 only
     loss_scale_growth_interval: int = 1000  # fp16: steps without overflow before the scale doubles
+    fp16_max_overflows: int = 20    # fp16: consecutive overflowing steps before the run switches to fp32
     log_every: int = 50             # steps between metric reports
     val_every: int = 200            # steps between fixed-noise validation losses
     val_batch_size: int = 256       # held-out images in the fixed validation batch
@@ -89,11 +92,41 @@ class TrainConfig:
     def __post_init__(self):
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ConfigError(f"train.precision must be fp32, bf16 or fp16, got '{self.precision}'")
-        for name in ("batch_size", "steps", "log_every", "val_batch_size", "keep_checkpoints"):
+        for name in ("global_batch_size", "steps", "log_every", "val_batch_size", "keep_checkpoints",
+                     "fp16_max_overflows"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be at least 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be positive, got {self.lr}")
+        if self.micro_batch_size < 0:
+            raise ConfigError(f"train.micro_batch_size must be 0 (automatic) or more, got {self.micro_batch_size}")
+
+
+COMM_HOOKS = ("none", "torus", "topk", "powersgd")
+
+
+@dataclass
+class ParallelConfig:
+    strategy: str = "auto"          # auto (ddp on several ranks) | none | ddp | fsdp | hsdp
+    replicate: int = 0              # hsdp: replica groups (0: one per node); shards within each
+    compile: bool = False           # torch.compile each transformer block
+    activation_checkpointing: bool = False  # recompute block activations in backward to save memory
+    timeout_s: float = 300.0        # a collective waiting longer than this fails the run (a dead rank)
+    comm_hook: str = "none"         # ddp gradient all-reduce: none | torus (2D) | topk | powersgd
+    torus_rows: int = 0             # torus: rows of the rows x cols rank grid (0: near-square)
+    topk_ratio: float = 0.01        # topk: fraction of gradient entries sent per step
+    topk_warmup_steps: int = 100    # topk: steps over which the kept fraction decays to topk_ratio
+    powersgd_rank: int = 4          # powersgd: rank of the low-rank gradient approximation
+
+    def __post_init__(self):
+        if self.strategy not in ("auto", "none", "ddp", "fsdp", "hsdp"):
+            raise ConfigError(f"parallel.strategy must be auto, none, ddp, fsdp or hsdp, got '{self.strategy}'")
+        if self.comm_hook not in COMM_HOOKS:
+            raise ConfigError(f"parallel.comm_hook must be one of {', '.join(COMM_HOOKS)}, got '{self.comm_hook}'")
+        if self.timeout_s <= 0:
+            raise ConfigError(f"parallel.timeout_s must be positive, got {self.timeout_s}")
+        if not 0.0 < self.topk_ratio <= 1.0:
+            raise ConfigError(f"parallel.topk_ratio must be in (0, 1], got {self.topk_ratio}")
 
 
 @dataclass
@@ -130,13 +163,14 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # Sections whose values change what is trained; a resumed run must match on these.
 TRAINING_SECTIONS = ("data", "model", "diffusion")
-TRAINING_KEYS = ("batch_size", "lr", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip",
+TRAINING_KEYS = ("global_batch_size", "lr", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip",
                  "ema_halflife_kimg", "ema_rampup", "precision")
 
 

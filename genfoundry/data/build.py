@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,9 @@ FOLDER_RESOLUTION = 64  # folders hold images of any size; this is the side they
 
 @dataclass
 class TrainingData:
-    loader: object             # next_batch() -> (images in [-1, 1] NCHW, labels); state_dict()/load_state_dict()
+    # (rank, world_size, accumulation) -> a loader of that rank's micro-batches: next_batch() ->
+    # (images in [-1, 1] NCHW, labels), state_dict()/load_state_dict()
+    make_loader: Callable[[int, int, int], object]
     name: str
     class_names: list[str]
     resolution: int
@@ -35,10 +38,10 @@ def is_shard_set(source: str) -> bool:
     return "://" in source or (Path(source) / "index.json").is_file()
 
 
-def training_data(cfg, batch_size: int, val_batch_size: int, seed: int, device) -> TrainingData:
+def training_data(cfg, global_batch_size: int, val_batch_size: int, seed: int, device) -> TrainingData:
     """`cfg` is a DataConfig: a named dataset, an image folder, or a packed shard set (path or URL)."""
     if is_shard_set(cfg.source):
-        return _from_shards(cfg, batch_size, val_batch_size, seed, device)
+        return _from_shards(cfg, global_batch_size, val_batch_size, seed, device)
     if cfg.source in SOURCES and (cfg.resolution or cfg.channels):
         raise ValueError(f"'{cfg.source}' images are 28x28 grayscale; data.resolution and data.channels apply "
                          f"to folders and shards")
@@ -47,13 +50,19 @@ def training_data(cfg, batch_size: int, val_batch_size: int, seed: int, device) 
         val = load_images(cfg.source, cfg.val_split, cfg.resolution or FOLDER_RESOLUTION, cfg.channels or 3)
     except ValueError:
         val = train  # folders have no splits: the validation batch is then in-sample
-    loader = InMemoryLoader(train, batch_size, seed, device, cfg.hflip)
+    if len(train) < global_batch_size:
+        raise ValueError(f"dataset '{train.name}' has {len(train)} images, fewer than one global batch of "
+                         f"{global_batch_size}")
+
+    def make_loader(rank, world_size, accumulation):
+        return InMemoryLoader(train, global_batch_size, seed, device, cfg.hflip, rank, world_size, accumulation)
+
     n = min(val_batch_size, len(val))
-    return TrainingData(loader, train.name, train.class_names, train.resolution, train.channels,
+    return TrainingData(make_loader, train.name, train.class_names, train.resolution, train.channels,
                         val.images[:n], val.labels[:n])
 
 
-def _from_shards(cfg, batch_size, val_batch_size, seed, device) -> TrainingData:
+def _from_shards(cfg, global_batch_size, val_batch_size, seed, device) -> TrainingData:
     from genfoundry.data.decode import image_size
     from genfoundry.shards import ShardDataset
 
@@ -71,13 +80,17 @@ def _from_shards(cfg, batch_size, val_batch_size, seed, device) -> TrainingData:
             p.add_transform(RandomHorizontalFlip())
         return p
 
-    loader = pipeline(True).add_transform(Normalize([0.5] * channels, [0.5] * channels)).loader(
-        dataset, batch_size, device, seed, cfg.workers)
+    train = pipeline(True).add_transform(Normalize([0.5] * channels, [0.5] * channels))
+
+    def make_loader(rank, world_size, accumulation):
+        return train.loader(dataset, global_batch_size, device, seed, cfg.workers, rank, world_size,
+                            accumulation=accumulation)
+
     # The validation batch: the first global batch of another seed, without augmentation (in-sample).
     val_loader = pipeline(False).loader(dataset, min(val_batch_size, len(dataset)), "cpu", seed + 1, 0, 0, 1)
     val = next(iter(val_loader))
     val_images = (val.images * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return TrainingData(loader, Path(str(cfg.source).rstrip("/")).name, dataset.class_names or [""], resolution,
+    return TrainingData(make_loader, Path(str(cfg.source).rstrip("/")).name, dataset.class_names or [""], resolution,
                         channels, val_images, val.labels.clamp(min=0).numpy())
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from genfoundry.data.order import GlobalBatches, chunk_index
 from genfoundry.sources import ImageSet
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
@@ -16,47 +17,65 @@ def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 class InMemoryLoader:
-    """Yields (images in [-1, 1] NCHW float, labels) batches; the position survives a checkpoint.
+    """Yields (images in [-1, 1] NCHW float, labels) micro-batches; the position survives a checkpoint.
 
-    Batches never straddle epochs: the last partial batch of an epoch is dropped, so every batch has
-    `batch_size` images and the global order stays a function of (seed, epoch, position).
+    Global batches of `global_batch_size` never straddle epochs (the partial one at the end is dropped),
+    and are cut into chunks exactly as a shard set's are (`GlobalBatches`): rank r's micro-step j takes
+    chunk j * world_size + r. The position counts global batches, so it does not depend on the split.
     """
 
-    def __init__(self, images: ImageSet, batch_size: int, seed: int = 0, device=None, hflip: bool = False):
-        if len(images) < batch_size:
-            raise ValueError(f"dataset '{images.name}' has {len(images)} images, fewer than one batch of {batch_size}")
+    def __init__(self, images: ImageSet, global_batch_size: int, seed: int = 0, device=None, hflip: bool = False,
+                 rank: int = 0, world_size: int = 1, accumulation: int = 1):
+        if len(images) < global_batch_size:
+            raise ValueError(f"dataset '{images.name}' has {len(images)} images, fewer than one batch of "
+                             f"{global_batch_size}")
         self.images = torch.from_numpy(np.ascontiguousarray(images.images)).permute(0, 3, 1, 2)  # uint8 NCHW
         self.labels = torch.from_numpy(images.labels)
-        self.batch_size, self.seed, self.hflip = batch_size, seed, hflip
+        self.global_batch_size, self.seed, self.hflip = global_batch_size, seed, hflip
+        self.rank, self.world_size, self.accumulation = rank, world_size, accumulation
+        self.micro_batch_size = GlobalBatches([len(images)], global_batch_size, seed).local_batch_size(
+            world_size, accumulation)
         self.device = torch.device(device or "cpu")
-        self.epoch, self.position = 0, 0
+        self.epoch, self.batch, self.micro = 0, 0, 0
         self._order = epoch_permutation(len(self.images), seed, 0)
 
     @property
     def batches_per_epoch(self) -> int:
-        return len(self.images) // self.batch_size
+        return len(self.images) // self.global_batch_size
 
     def state_dict(self) -> dict:
-        return {"format_version": FORMAT_VERSION, "seed": self.seed, "epoch": self.epoch, "position": self.position}
+        return {"format_version": FORMAT_VERSION, "seed": self.seed, "epoch": self.epoch, "batch": self.batch,
+                "micro": self.micro, "accumulation": self.accumulation, "global_batch_size": self.global_batch_size}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["seed"] != self.seed:
-            raise ValueError(f"data state was saved with seed {state['seed']}, this loader has seed {self.seed}")
-        self.epoch, self.position = state["epoch"], state["position"]
+        for key in ("format_version", "seed", "global_batch_size"):
+            if state.get(key) != self.state_dict()[key]:
+                raise ValueError(f"data state was saved with {key} {state.get(key)}, this loader has "
+                                 f"{self.state_dict()[key]}")
+        if state["micro"] and state["accumulation"] != self.accumulation:
+            raise ValueError("data state was saved in the middle of a global batch with another accumulation; "
+                             "resume it with the same number of ranks and micro-batches")
+        self.epoch, self.batch, self.micro = state["epoch"], state["batch"], state["micro"]
         self._order = epoch_permutation(len(self.images), self.seed, self.epoch)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.position + self.batch_size > len(self._order):
-            self.epoch, self.position = self.epoch + 1, 0
+        if self.batch >= self.batches_per_epoch:
+            self.epoch, self.batch = self.epoch + 1, 0
             self._order = epoch_permutation(len(self.images), self.seed, self.epoch)
-        idx = self._order[self.position:self.position + self.batch_size]
+        m = self.micro_batch_size
+        offset = chunk_index(self.rank, self.world_size, self.micro) * m
+        start = self.batch * self.global_batch_size + offset
+        idx = self._order[start:start + m]
         x = self.images[idx].to(self.device, non_blocking=True).float().div_(127.5).sub_(1.0)
         if self.hflip:
-            # Seeded by the position, which the checkpoint holds, so flips survive a resume too.
-            gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + self.position)
-            flip = torch.rand(len(idx), generator=gen) < 0.5
+            # Drawn for the whole global batch and seeded by its position (which the checkpoint holds),
+            # so flips survive a resume and do not depend on how the batch is split.
+            gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + self.batch)
+            flip = (torch.rand(self.global_batch_size, generator=gen) < 0.5)[offset:offset + m]
             x = torch.where(flip.to(self.device).view(-1, 1, 1, 1), x.flip(3), x)
-        self.position += self.batch_size
+        self.micro += 1
+        if self.micro == self.accumulation:
+            self.batch, self.micro = self.batch + 1, 0
         return x, self.labels[idx].to(self.device, non_blocking=True)
 
     def __iter__(self):

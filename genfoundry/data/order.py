@@ -38,7 +38,9 @@ def sample_seed(seed: int, epoch: int, index: int) -> np.random.Generator:
 
 @dataclass
 class GlobalBatches:
-    """Global batches of `global_batch_size` over an epoch order; rank r takes its contiguous slice.
+    """Global batches of `global_batch_size` over an epoch order, cut into `world_size x accumulation`
+    equal chunks: micro-step j of rank r takes chunk j * world_size + r (with no accumulation, rank r
+    takes the r-th contiguous slice).
 
     The partial global batch at the end of an epoch is dropped, so every rank gets the same number of
     batches per epoch and no rank waits for one that never comes.
@@ -58,14 +60,22 @@ class GlobalBatches:
     def batches_per_epoch(self) -> int:
         return sum(self.shard_sizes) // self.global_batch_size
 
-    def local_batch_size(self, world_size: int) -> int:
-        if self.global_batch_size % world_size:
-            raise ValueError(f"global batch {self.global_batch_size} does not split over {world_size} ranks; "
-                             f"use a multiple of {world_size}")
-        return self.global_batch_size // world_size
+    def local_batch_size(self, world_size: int, accumulation: int = 1) -> int:
+        """Images in one micro-batch of one rank."""
+        chunks = world_size * accumulation
+        if self.global_batch_size % chunks:
+            raise ValueError(f"global batch {self.global_batch_size} does not split into {world_size} ranks x "
+                             f"{accumulation} micro-batches; use a multiple of {chunks}")
+        return self.global_batch_size // chunks
 
-    def batch(self, order: np.ndarray, batch: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
-        """Global sample indices of `rank`'s slice of global batch number `batch` in this epoch order."""
-        local = self.local_batch_size(world_size)
-        start = batch * self.global_batch_size + rank * local
+    def batch(self, order: np.ndarray, batch: int, rank: int = 0, world_size: int = 1, micro: int = 0,
+              accumulation: int = 1) -> np.ndarray:
+        """Global sample indices of `rank`'s micro-batch `micro` of global batch number `batch`."""
+        local = self.local_batch_size(world_size, accumulation)
+        start = batch * self.global_batch_size + chunk_index(rank, world_size, micro) * local
         return order[start:start + local]
+
+
+def chunk_index(rank: int, world_size: int, micro: int) -> int:
+    """Which chunk of a global batch a rank trains on at a micro-step."""
+    return micro * world_size + rank

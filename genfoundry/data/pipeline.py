@@ -99,8 +99,9 @@ class DataPipeline:
 
     def loader(self, dataset, global_batch_size: int, device="cpu", seed: int = 0, num_workers: int = 0,
                rank: int | None = None, world_size: int | None = None, prefetch: int = 2,
-               window: int = 4096, gpu_decode: bool | None = None) -> ShardLoader:
-        """Binds the pipeline to a shard set. `gpu_decode` None uses nvJPEG where torchvision can."""
+               window: int = 4096, gpu_decode: bool | None = None, accumulation: int = 1) -> ShardLoader:
+        """Binds the pipeline to a shard set. Each batch is one rank's micro-batch of a global batch
+        (`accumulation` of them per global batch). `gpu_decode` None uses nvJPEG where torchvision can."""
         from genfoundry import accel
         from genfoundry.data import gpu_decode as gpu
 
@@ -110,24 +111,27 @@ class DataPipeline:
         mode = "host" if device.type == "cpu" else ("gpu" if gpu_decode is not False and gpu.available(device) else "cpu")
         return ShardLoader(self, dataset, global_batch_size, device, seed, num_workers,
                            accel.rank() if rank is None else rank,
-                           accel.world_size() if world_size is None else world_size, prefetch, window, mode)
+                           accel.world_size() if world_size is None else world_size, prefetch, window, mode,
+                           accumulation)
 
 
 class _BatchReader(torch.utils.data.Dataset):
-    """Item k = this rank's slice of global batch k of one epoch, prepared on the CPU (runs in workers).
+    """Item k = this rank's micro-batch k % accumulation of global batch k // accumulation of one epoch,
+    prepared on the CPU (runs in workers).
 
     mode "host": decode and batch transforms here (no accelerator: spread over the workers);
     "cpu": decode here, batch transforms on the device; "gpu": JPEGs leave as bytes with their planned
     crop box, to be decoded on the GPU (other formats are still decoded here).
     """
 
-    def __init__(self, pipeline, dataset, batches: GlobalBatches, order, epoch, rank, world_size, mode):
+    def __init__(self, pipeline, dataset, batches: GlobalBatches, order, epoch, rank, world_size, mode,
+                 accumulation=1):
         self.pipeline, self.dataset, self.batches = pipeline, dataset, batches
         self.order, self.epoch, self.rank, self.world_size = order, epoch, rank, world_size
-        self.mode = mode
+        self.mode, self.accumulation = mode, accumulation
 
     def __len__(self):
-        return self.batches.batches_per_epoch
+        return self.batches.batches_per_epoch * self.accumulation
 
     def _payload(self, data: bytes, rng):
         if self.mode == "gpu" and data[:2] == JPEG_MAGIC:
@@ -139,7 +143,8 @@ class _BatchReader(torch.utils.data.Dataset):
         return ("image", image, None), params
 
     def __getitem__(self, k):
-        indices = self.batches.batch(self.order, k, self.rank, self.world_size)
+        batch, micro = divmod(k, self.accumulation)
+        indices = self.batches.batch(self.order, batch, self.rank, self.world_size, micro, self.accumulation)
         payloads, params, labels, keys, failures = [], [], [], [], {}
         for slot, index in enumerate(indices):
             rng = sample_seed(self.batches.seed, self.epoch, int(index))
@@ -193,13 +198,14 @@ def _substitute(columns: list, failures: dict, keys: list) -> None:
 class ShardLoader:
     """Iterates batches forever, epoch after epoch; `state_dict()` is the global position.
 
-    The position counts global batches handed out, so it does not depend on the world size: a run
-    resumed on another number of ranks continues the same global stream. Prefetched batches that were
-    not handed out are not counted, and are read again after a resume.
+    The position counts global batches handed out, so it does not depend on the world size or on the
+    accumulation: a run resumed on another number of ranks continues the same global stream.
+    Prefetched batches that were not handed out are not counted, and are read again after a resume.
     """
 
     def __init__(self, pipeline: DataPipeline, dataset, global_batch_size: int, device: torch.device, seed: int,
-                 num_workers: int, rank: int, world_size: int, prefetch: int, window: int, mode: str = "host"):
+                 num_workers: int, rank: int, world_size: int, prefetch: int, window: int, mode: str = "host",
+                 accumulation: int = 1):
         if isinstance(dataset, str):
             from genfoundry.shards import ShardDataset
 
@@ -207,17 +213,18 @@ class ShardLoader:
         self.pipeline, self.dataset, self.device, self.mode = pipeline, dataset, device, mode
         sizes = [int(s["num_samples"]) for s in dataset.shards]
         self.batches = GlobalBatches(sizes, global_batch_size, seed, window)
-        self.local_batch_size = self.batches.local_batch_size(world_size)
-        self.rank, self.world_size = rank, world_size
+        self.local_batch_size = self.batches.local_batch_size(world_size, accumulation)
+        self.rank, self.world_size, self.accumulation = rank, world_size, accumulation
         self.num_workers, self.prefetch = num_workers, prefetch
-        self.epoch, self.batch = 0, 0
+        self.epoch, self.batch, self.micro = 0, 0, 0
         self.corrupt: Counter[str] = Counter()  # key -> times substituted
         self.corrupt_reasons: dict[str, str] = {}
         self._iterator = None
 
     def state_dict(self) -> dict:
         return {"format_version": FORMAT_VERSION, "seed": self.batches.seed, "epoch": self.epoch,
-                "batch": self.batch, "global_batch_size": self.batches.global_batch_size,
+                "batch": self.batch, "micro": self.micro, "accumulation": self.accumulation,
+                "global_batch_size": self.batches.global_batch_size,
                 "num_samples": sum(self.batches.shard_sizes)}
 
     def load_state_dict(self, state: dict) -> None:
@@ -225,24 +232,29 @@ class ShardLoader:
             mine = self.state_dict()[key]
             if state[key] != mine:
                 raise ValueError(f"data state was saved with {key} {state[key]}, this loader has {mine}")
-        self.epoch, self.batch = state["epoch"], state["batch"]
+        if state.get("micro", 0) and state.get("accumulation") != self.accumulation:
+            raise ValueError("data state was saved in the middle of a global batch with another accumulation; "
+                             "resume it with the same number of ranks and micro-batches")
+        self.epoch, self.batch, self.micro = state["epoch"], state["batch"], state.get("micro", 0)
         self._iterator = None
 
     def __iter__(self):
         while True:
             order = global_order(self.batches.shard_sizes, self.batches.seed, self.epoch, self.batches.window)
             reader = _BatchReader(self.pipeline, self.dataset, self.batches, order, self.epoch, self.rank,
-                                  self.world_size, self.mode)
-            start = self.batch
+                                  self.world_size, self.mode, self.accumulation)
+            start = self.batch * self.accumulation + self.micro
             loader = torch.utils.data.DataLoader(
                 reader, batch_size=None, sampler=range(start, len(reader)), num_workers=self.num_workers,
                 prefetch_factor=self.prefetch if self.num_workers else None, collate_fn=_collate,
                 pin_memory=self.device.type != "cpu", persistent_workers=False)
             for item in loader:
                 batch = self._finish(*item)
-                self.batch += 1
+                self.micro += 1
+                if self.micro == self.accumulation:
+                    self.batch, self.micro = self.batch + 1, 0
                 yield batch
-            self.epoch, self.batch = self.epoch + 1, 0
+            self.epoch, self.batch, self.micro = self.epoch + 1, 0, 0
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(images, labels) of the next batch: the interface the trainer uses."""

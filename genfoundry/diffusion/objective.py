@@ -52,6 +52,21 @@ class FlowMatching:
         drop = torch.rand(n, generator=generator, device=x0.device) < self.class_dropout
         return t, eps, drop
 
+    def draw_keyed(self, x0: torch.Tensor, keys) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(t, eps, drop) with sample i's randomness drawn from its own stream, seeded by keys[i].
+
+        A sample's noise then depends only on its key (the trainer uses its position in the global
+        batch), not on how the global batch is split over ranks and micro-batches.
+        """
+        gen = torch.Generator(x0.device)
+        ts, noise, drops = [], [], []
+        for key in keys:
+            gen.manual_seed(int(key))
+            ts.append(self.sample_t(1, gen, x0.device, self.logit_mean, self.logit_std))
+            noise.append(torch.randn(x0.shape[1:], generator=gen, device=x0.device, dtype=x0.dtype))
+            drops.append(torch.rand(1, generator=gen, device=x0.device))
+        return torch.cat(ts), torch.stack(noise), torch.cat(drops) < self.class_dropout
+
     def loss(self, model, x0, y, t, eps, drop=None) -> torch.Tensor:
         """Mean over the batch of w(t) ||v_theta(x_t, t, y) - (eps - x_0)||^2 (per-pixel mean)."""
         tb = t.view(-1, *([1] * (x0.ndim - 1)))

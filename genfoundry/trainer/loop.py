@@ -1,4 +1,8 @@
-"""The one training loop: report, validate, sample, checkpoint, done?, step, EMA."""
+"""The one training loop: report, validate, sample, checkpoint, done?, step, EMA.
+
+The same loop runs on one process or many (launched by torchrun): `parallelize` wraps the model, each
+step accumulates micro-batches to the configured global batch, and rank 0 alone writes files.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +20,9 @@ from genfoundry import config as config_lib
 from genfoundry import metrics
 from genfoundry.config import Config, ConfigError
 from genfoundry.data.build import training_data
+from genfoundry.data.order import chunk_index
 from genfoundry.diffusion import FlowMatching, generate, grid, save_png
+from genfoundry.distributed import parallel
 from genfoundry.models import build_model
 from genfoundry.trainer.precision import DynamicLossScaler
 
@@ -34,43 +40,105 @@ class Trainer:
     """
 
     def __init__(self, cfg: Config, print_fn=print):
-        self.cfg, self.print = cfg, print_fn
+        self.cfg = cfg
         self.run_dir = run_dir_of(cfg)
         self.device = accel.get_device(cfg.run.device)
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
-        torch.manual_seed(cfg.run.seed)
+        self.distributed = parallel.init_process_group(self.device, cfg.parallel.timeout_s)
+        self.rank = torch.distributed.get_rank() if self.distributed else 0
+        self.world = torch.distributed.get_world_size() if self.distributed else 1
+        self.print = print_fn if self.rank == 0 else (lambda *a, **k: None)
+        torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
         tc = cfg.train
 
-        self.data = training_data(cfg.data, tc.batch_size, tc.val_batch_size, cfg.run.seed, self.device)
-        self.loader = self.data.loader
-        self.model = build_model(cfg.model.preset, self.data.resolution, self.data.channels,
-                                 self.data.num_classes).to(self.device)
-        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.data = training_data(cfg.data, tc.global_batch_size, tc.val_batch_size, cfg.run.seed, self.device)
+        model = build_model(cfg.model.preset, self.data.resolution, self.data.channels,
+                            self.data.num_classes).to(self.device)
+        self.ema = copy.deepcopy(model).eval().requires_grad_(False)
         self.objective = FlowMatching(cfg.diffusion.time_sampling, cfg.diffusion.loss_weighting,
                                       cfg.diffusion.logit_mean, cfg.diffusion.logit_std, cfg.model.class_dropout)
+        self.precision = tc.precision
+        self.model = parallel.parallelize(model, cfg.parallel, self.device)
+        self.sharded = parallel.is_sharded(self.model)
+        self.micro_batch = self.plan_micro_batch()
+        self.accumulation = parallel.split_global_batch(tc.global_batch_size, self.world, self.micro_batch)
+        self.loader = self.data.make_loader(self.rank, self.world, self.accumulation)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2),
                                            weight_decay=tc.weight_decay)
         self.scaler = DynamicLossScaler(tc.loss_scale_init, tc.loss_scale_growth_interval) if tc.precision == "fp16" else None
-        # All training randomness (time, noise, label dropout) comes from this generator, saved in checkpoints.
-        self.generator = torch.Generator(self.device).manual_seed(cfg.run.seed)
+        self.overflow_streak = 0
+        # Under FSDP2 the EMA is kept as shards beside the parameters and gathered into self.ema on use.
+        self.ema_shards = [p.detach().clone() for p in self.model.parameters()] if self.sharded else None
         self.step, self.images_seen = 0, 0
-        self.flops_per_image = 3 * self.model.flops_per_forward()
-        self.peak_flops = accel.peak_flops(self.device, tc.precision)
+        self.flops_per_image = 3 * model.flops_per_forward()
+        peak = accel.peak_flops(self.device, tc.precision)
+        self.peak_flops = peak * self.world if peak else None
+        self.comm_state = getattr(self.model, "comm_state", None)
+        self._comm_bytes = 0
         self._make_validation_batch()
+
+    @property
+    def net(self) -> torch.nn.Module:
+        """The user's model (parameters, flops), inside whatever parallel wrapper trains it."""
+        return parallel.unwrap(self.model)
+
+    def plan_micro_batch(self) -> int:
+        """The configured micro-batch; else the largest that fits (searched on an accelerator) or, on a
+        CPU, the whole of this rank's share of the global batch."""
+        tc = self.cfg.train
+        if tc.micro_batch_size:
+            return tc.micro_batch_size
+        candidates = parallel.micro_batch_candidates(tc.global_batch_size, self.world)
+        if self.device.type == "cpu":
+            return candidates[0]
+        shape = (self.data.channels, self.data.resolution, self.data.resolution)
+
+        def try_micro(m: int) -> None:
+            x = torch.randn(m, *shape, device=self.device)
+            y = torch.zeros(m, dtype=torch.long, device=self.device)
+            t = torch.rand(m, device=self.device)
+            with parallel.gradient_sync(self.model, False), accel.autocast(self.device, self.precision):
+                loss = self.objective.loss(self.model, x, y, t, torch.randn_like(x))
+            loss.backward()
+            accel.synchronize(self.device)
+            for p in self.model.parameters():
+                p.grad = None
+
+        micro = parallel.find_micro_batch(try_micro, candidates, self.device, self.print)
+        self.print(f"micro-batch {micro}: the largest of {candidates[:6]}... that fits")
+        return micro
 
     # ---- state ---------------------------------------------------------------------------------
 
+    def model_state(self) -> dict:
+        """Full (unsharded) model weights; under FSDP2 every rank must call it (it gathers)."""
+        if not self.sharded:
+            return self.net.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def optimizer_state(self) -> dict:
+        if not self.sharded:
+            return self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.model, self.optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
     def state_dict(self) -> dict:
+        """The whole training state, with full weights: it resumes on any number of ranks."""
         return {
             "step": self.step,
             "images_seen": self.images_seen,
-            "model": self.model.state_dict(),
-            "ema": self.ema.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": self.model_state(),
+            "ema": self.ema_state(),
+            "optimizer": self.optimizer_state(),
+            "precision": self.precision,
             "scaler": self.scaler.state_dict() if self.scaler else {},
+            "overflow_streak": self.overflow_streak,
             "data": self.loader.state_dict(),
-            "generator": self.generator.get_state(),
             "rng": accel.rng_states(self.device),
             "config_hash": config_lib.config_hash(self.cfg),
         }
@@ -79,30 +147,49 @@ class Trainer:
         if state["config_hash"] != config_lib.config_hash(self.cfg):
             raise ConfigError("the checkpoint was written by a run with a different training config")
         self.step, self.images_seen = state["step"], state["images_seen"]
-        self.model.load_state_dict(state["model"])
-        self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                                 set_optimizer_state_dict)
+
+            options = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(self.model, state["model"], options=options)
+            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=options)
+            self.ema.load_state_dict(state["ema"])
+            for shard, full in zip(self.ema_shards, self.ema.parameters()):
+                shard.to_local().copy_(_local_part(shard, full))
+        else:
+            self.net.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.ema.load_state_dict(state["ema"])
+        self.precision = state["precision"]
+        self.scaler = None if self.precision != "fp16" else self.scaler
         if self.scaler:
             self.scaler.load_state_dict(state["scaler"])
+        self.overflow_streak = state["overflow_streak"]
         self.loader.load_state_dict(state["data"])
-        self.generator.set_state(state["generator"])
         accel.set_rng_states(self.device, state["rng"])
 
     def prepare_run_dir(self) -> None:
         """Creates the run directory, or checks that it belongs to this config and resumes from it."""
         saved = self.run_dir / "config.toml"
-        if saved.exists():
-            previous = config_lib.load(str(saved))
-            changed = config_lib.identity_diff(previous, self.cfg)
-            if changed:
-                raise ConfigError(f"run directory '{self.run_dir}' holds a run with different {', '.join(changed)}; "
-                                  f"choose another --run.name to start a new run")
-        (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
-        saved.write_text(config_lib.dumps(self.cfg))
-        state = checkpoint.load_latest(self.run_dir / "checkpoints", map_location=self.device)
+        if self.rank == 0:
+            if saved.exists():
+                previous = config_lib.load(str(saved))
+                changed = config_lib.identity_diff(previous, self.cfg)
+                if changed:
+                    raise ConfigError(f"run directory '{self.run_dir}' holds a run with different "
+                                      f"{', '.join(changed)}; choose another --run.name to start a new run")
+            (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
+            saved.write_text(config_lib.dumps(self.cfg))
+        self.barrier()
+        state = checkpoint.load_latest(self.run_dir / "checkpoints", map_location="cpu")
         if state is not None:
             self.load_state_dict(state)
             self.print(f"resumed from step {self.step} ({self.images_seen} images seen)")
+
+    def barrier(self) -> None:
+        if self.distributed:
+            torch.distributed.barrier()
 
     # ---- the loop ------------------------------------------------------------------------------
 
@@ -110,7 +197,7 @@ class Trainer:
         tc = self.cfg.train
         self.prepare_run_dir()
         self.describe()
-        self.jsonl = metrics.JsonlSink(self.run_dir / "metrics.jsonl")
+        self.jsonl = metrics.JsonlSink(self.run_dir / "metrics.jsonl") if self.rank == 0 else None
         self.console = metrics.ConsoleSink(tc.steps, self.print)
         start_step = self.step
         self._tick = (time.perf_counter(), self.step)
@@ -123,38 +210,84 @@ class Trainer:
             if fresh and tc.sample_every and self.step % tc.sample_every == 0 and self.step > 0:
                 self.sample_grid(f"grid-{self.step:07d}.png")
             if tc.checkpoint_every and self.step > start_step and (done or self.step % tc.checkpoint_every == 0):
-                checkpoint.save(self.state_dict(), self.run_dir / "checkpoints", self.step, tc.keep_checkpoints)
+                self.save_checkpoint()
             if done:
                 break
             self.train_step()
         self.save_final()
         return last
 
+    def save_checkpoint(self) -> None:
+        state = self.state_dict()  # every rank: under FSDP2 this gathers
+        if self.rank == 0:
+            checkpoint.save(state, self.run_dir / "checkpoints", self.step, self.cfg.train.keep_checkpoints)
+        self.barrier()
+
+    def noise_keys(self, micro: int) -> list[int]:
+        """Seeds of the samples of one micro-batch: (run seed, step, position in the global batch)."""
+        first = chunk_index(self.rank, self.world, micro) * self.micro_batch
+        base = (self.cfg.run.seed * 1_000_003 + self.step) * 1_000_003
+        return [(base + first + i) % 2**63 for i in range(self.micro_batch)]
+
     def train_step(self) -> None:
+        """One optimizer step over the global batch: `accumulation` micro-batches on each rank, with the
+        gradient reduction across ranks only on the last. Each micro-batch's loss is divided by the
+        accumulation, so the gradient is the mean over the global batch however it is split."""
         tc = self.cfg.train
-        x, y = self.loader.next_batch()
-        y = y.clamp(min=0)  # unlabelled samples (-1) share class 0
-        t, eps, drop = self.objective.draw(x, self.generator)
-        with accel.autocast(self.device, tc.precision):
-            loss = self.objective.loss(self.model, x, y, t, eps, drop)
         self.optimizer.zero_grad(set_to_none=True)
-        (loss * self.scaler.scale if self.scaler else loss).backward()
+        scale = self.scaler.scale if self.scaler else 1.0
+        for micro in range(self.accumulation):
+            x, y = self.loader.next_batch()
+            y = y.clamp(min=0)  # unlabelled samples (-1) share class 0
+            t, eps, drop = self.objective.draw_keyed(x, self.noise_keys(micro))
+            with parallel.gradient_sync(self.model, micro == self.accumulation - 1):
+                with accel.autocast(self.device, self.precision):
+                    loss = self.objective.loss(self.model, x, y, t, eps, drop)
+                (loss * (scale / self.accumulation)).backward()
+            metrics.report("loss", loss.detach())
         params = list(self.model.parameters())
-        finite = self.scaler.unscale_and_check(params) if self.scaler else True
+        finite = self.unscale_and_check(params) if self.scaler else True
         if finite:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+            clip = tc.grad_clip if tc.grad_clip > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
             for group in self.optimizer.param_groups:
                 group["lr"] = self.learning_rate(self.step)
             self.optimizer.step()
             self.update_ema()
-            metrics.report("grad_norm", grad_norm)
+            metrics.report("grad_norm", grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         if self.scaler:
             self.scaler.update(finite)
             metrics.report("loss_scale", self.scaler.scale)
             metrics.report("skipped_steps", 0.0 if finite else 1.0)
-        metrics.report("loss", loss)
+            self.overflow_streak = 0 if finite else self.overflow_streak + 1
+            if self.overflow_streak >= tc.fp16_max_overflows:
+                self.fall_back_to_fp32()
+        if self.comm_state is not None:
+            sent = self.comm_state.bytes_sent
+            metrics.report("comm/bytes_per_step", sent - self._comm_bytes)
+            self._comm_bytes = sent
+            if getattr(self.comm_state, "dense_bytes", 0):
+                metrics.report("comm/compression_ratio", self.comm_state.dense_bytes / max(sent, 1))
         self.step += 1
-        self.images_seen += tc.batch_size
+        self.images_seen += tc.global_batch_size
+
+    def unscale_and_check(self, params) -> bool:
+        """fp16: unscales the gradients; True if all are finite on every rank (shards differ under FSDP2)."""
+        shadows = [_Grad(p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad) for p in params
+                   if p.grad is not None]
+        finite = self.scaler.unscale_and_check(shadows) if shadows else True
+        if self.distributed:
+            flag = torch.tensor([1.0 if finite else 0.0], device=self.device if self.device.type != "cpu" else "cpu")
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            finite = bool(flag.item())
+        return finite
+
+    def fall_back_to_fp32(self) -> None:
+        """After too many overflowing fp16 steps in a row, train on in fp32 (recorded in checkpoints)."""
+        self.print(f"fp16: {self.overflow_streak} consecutive steps overflowed (loss scale "
+                   f"{self.scaler.scale:g}); switching this run to fp32")
+        metrics.report("precision_fallback", 1.0)
+        self.precision, self.scaler, self.overflow_streak = "fp32", None, 0
 
     def learning_rate(self, step: int) -> float:
         tc = self.cfg.train
@@ -167,9 +300,20 @@ class Trainer:
         halflife = tc.ema_halflife_kimg * 1000
         if tc.ema_rampup > 0:
             halflife = min(halflife, self.images_seen * tc.ema_rampup)
-        beta = 0.5 ** (tc.batch_size / max(halflife, 1e-8))
-        ema_params = list(self.ema.parameters())
-        torch._foreach_lerp_(ema_params, [p.detach() for p in self.model.parameters()], 1.0 - beta)
+        beta = 0.5 ** (tc.global_batch_size / max(halflife, 1e-8))
+        if self.sharded:
+            shards = [s.to_local() for s in self.ema_shards]
+            torch._foreach_lerp_(shards, [p.detach().to_local() for p in self.model.parameters()], 1.0 - beta)
+        else:
+            torch._foreach_lerp_(list(self.ema.parameters()), [p.detach() for p in self.net.parameters()], 1.0 - beta)
+
+    def ema_state(self) -> dict:
+        """Full EMA weights; under FSDP2 every rank must call it (it gathers the shards into self.ema)."""
+        if self.sharded:
+            with torch.no_grad():
+                for full, shard in zip(self.ema.parameters(), self.ema_shards):
+                    full.copy_(shard.full_tensor())
+        return self.ema.state_dict()
 
     # ---- events --------------------------------------------------------------------------------
 
@@ -183,12 +327,14 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict:
+        """Every rank computes the same numbers (FSDP2's forward needs them all)."""
         x, y, t, eps = self.val_batch
+        self.ema_state()
         out = {}
         for key, net in (("val_loss", self.model), ("val_loss_ema", self.ema)):
             was_training = net.training
             net.eval()
-            with accel.autocast(self.device, self.cfg.train.precision):
+            with accel.autocast(self.device, self.precision):
                 out[key] = self.objective.loss(net, x, y, t, eps).item()
             net.train(was_training)
         return out
@@ -200,9 +346,9 @@ class Trainer:
         elapsed, steps = now - self._tick[0], self.step - self._tick[1]
         self._tick = (now, self.step)
         if steps:
-            ips = steps * self.cfg.train.batch_size / elapsed
+            ips = steps * self.cfg.train.global_batch_size / elapsed
             values["images_per_s"] = ips
-            values["eta_s"] = (self.cfg.train.steps - self.step) * self.cfg.train.batch_size / ips
+            values["eta_s"] = (self.cfg.train.steps - self.step) * self.cfg.train.global_batch_size / ips
             if self.peak_flops:
                 values["mfu"] = ips * self.flops_per_image / self.peak_flops
         values["lr"] = self.learning_rate(self.step)
@@ -212,12 +358,17 @@ class Trainer:
                                     resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
         if validate:
             values.update(self.validate())
-        self.jsonl.write(self.step, values)
+        if self.jsonl:
+            self.jsonl.write(self.step, values)
         self.console.write(self.step, values)
         self._tick = (time.perf_counter(), self.step)  # validation time is not training time
         return values
 
-    def sample_grid(self, name: str) -> Path:
+    def sample_grid(self, name: str) -> Path | None:
+        """Rank 0 samples from the EMA; the others only help gather it under FSDP2."""
+        self.ema_state()
+        if self.rank != 0:
+            return None
         sc, k = self.cfg.sample, self.data.num_classes
         labels = torch.arange(k).repeat_interleave(sc.per_class)
         images = generate(self.ema, labels, range(len(labels)), sc.seed, sc.steps, sc.sampler, sc.cfg_scale,
@@ -227,23 +378,45 @@ class Trainer:
         return path
 
     def save_final(self) -> None:
+        ema, model = self.ema_state(), self.model_state()
+        path = self.sample_grid("final.png")
+        if self.rank != 0:
+            self.barrier()
+            return
         final = self.run_dir / "final"
         final.mkdir(exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.ema.state_dict().items()}, str(final / "ema.safetensors"))
-        save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, str(final / "model.safetensors"))
+        save_file({k: v.contiguous() for k, v in ema.items()}, str(final / "ema.safetensors"))
+        save_file({k: v.contiguous() for k, v in model.items()}, str(final / "model.safetensors"))
         meta = {"format_version": FORMAT_VERSION, "preset": self.cfg.model.preset,
-                "arch": self.model.arch.to_dict(), "class_names": self.data.class_names,
+                "arch": self.net.arch.to_dict(), "class_names": self.data.class_names,
                 "source": self.data.name, "step": self.step, "images_seen": self.images_seen}
         (final / "model.json").write_text(json.dumps(meta, indent=2))
-        path = self.sample_grid("final.png")
         self.print(f"final weights in {final}, samples in {path}")
+        self.barrier()
 
     def describe(self) -> None:
-        m, ds = self.model, self.data
-        params = sum(p.numel() for p in m.parameters())
+        m, ds, tc = self.net, self.data, self.cfg.train
+        params = sum(p.numel() for p in self.ema.parameters())
         self.print(f"run {self.run_dir}  device {self.device} ({accel.device_name(self.device)})  "
-                   f"precision {self.cfg.train.precision}")
+                   f"precision {self.precision}")
+        self.print(f"global batch {tc.global_batch_size} = micro-batch {self.micro_batch} x accumulation "
+                   f"{self.accumulation} x {self.world} rank(s)  parallel "
+                   f"{parallel.resolve_strategy(self.cfg.parallel.strategy, self.world)}")
         self.print(f"data {ds.name}: {ds.resolution}x{ds.resolution}x{ds.channels} images, "
                    f"{ds.num_classes} classes   model {self.cfg.model.preset}: {params / 1e6:.2f}M params, "
                    f"{m.flops_per_forward() / 1e9:.3f} GFLOP/forward/image")
 
+
+
+class _Grad:
+    """Presents a (local) gradient tensor as a parameter-like object to the loss scaler."""
+
+    def __init__(self, grad: torch.Tensor):
+        self.grad = grad
+
+
+def _local_part(shard, full: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of a full tensor, laid out as the DTensor `shard` is."""
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(shard.device), shard.device_mesh, shard.placements).to_local()

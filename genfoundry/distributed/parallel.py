@@ -1,0 +1,231 @@
+"""Process groups, batch splitting and `parallelize()`: everything parallel, applied from outside the model.
+
+`parallelize` applies, in this order, activation checkpointing, `torch.compile` and DDP or FSDP2 to
+the repeated blocks of a model (any `nn.ModuleList` of it); the model's code knows nothing of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from genfoundry import accel
+
+
+def init_process_group(device: torch.device, timeout_s: float) -> bool:
+    """Joins the process group torchrun describes (WORLD_SIZE > 1); False when running alone.
+
+    The timeout bounds every collective: when a rank dies, the others fail within `timeout_s` instead
+    of waiting for the default 10-30 minutes.
+    """
+    if accel.world_size() <= 1 or (dist.is_available() and dist.is_initialized()):
+        return dist.is_available() and dist.is_initialized()
+    mod = accel.device_module(device)
+    if mod is not None and hasattr(mod, "set_device"):
+        mod.set_device(device)
+    # NCCL checks for failed or stuck collectives in a watchdog; make it tear the process down.
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    kwargs = {"device_id": device} if device.type == "cuda" else {}
+    dist.init_process_group(accel.comm_backend(device), timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    return True
+
+
+def destroy_process_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ---- how a global batch is split ----------------------------------------------------------------
+
+
+def nearest_multiples(value: int, unit: int) -> list[int]:
+    below = (value // unit) * unit
+    return [v for v in (below, below + unit) if v > 0]
+
+
+def split_global_batch(global_batch: int, world: int, micro: int) -> int:
+    """Accumulation steps such that global = micro x accumulation x world, or one clear error."""
+    if global_batch % (micro * world):
+        near = nearest_multiples(global_batch, micro * world)
+        raise ValueError(f"train.global_batch_size {global_batch} is not micro-batch {micro} x accumulation x "
+                         f"{world} ranks for any accumulation; nearest valid global batch sizes: "
+                         f"{' or '.join(map(str, near))}")
+    return global_batch // (micro * world)
+
+
+def micro_batch_candidates(global_batch: int, world: int, limit: int = 0) -> list[int]:
+    """Micro-batch sizes that split a rank's share of the global batch exactly, largest first."""
+    if global_batch % world:
+        near = nearest_multiples(global_batch, world)
+        raise ValueError(f"train.global_batch_size {global_batch} does not split over {world} ranks; nearest "
+                         f"valid global batch sizes: {' or '.join(map(str, near))}")
+    per_rank = global_batch // world
+    return [m for m in range(per_rank, 0, -1) if per_rank % m == 0 and (not limit or m <= limit)]
+
+
+def find_micro_batch(try_micro, candidates: list[int], device: torch.device, print_fn=print) -> int:
+    """The largest candidate for which `try_micro(m)` (a forward and backward pass) does not run out of
+    memory, agreed by all ranks (the smallest any rank found)."""
+    chosen = None
+    i = 0
+    while i < len(candidates):
+        m = candidates[i]
+        try:
+            try_micro(m)
+            chosen = m
+            break
+        except torch.OutOfMemoryError:
+            print_fn(f"micro-batch {m} does not fit in accelerator memory; trying smaller")
+            _free_memory(device)
+            # Jump to the largest candidate at most half as big: a search in log steps, not one by one.
+            i = next((j for j in range(i + 1, len(candidates)) if candidates[j] <= m // 2), len(candidates) - 1) \
+                if m > 1 else len(candidates)
+    if chosen is None:
+        raise ValueError("even a micro-batch of 1 does not fit in accelerator memory; use a smaller model, "
+                         "parallel.activation_checkpointing=true or parallel.strategy=fsdp")
+    _free_memory(device)
+    if dist.is_available() and dist.is_initialized():
+        agreed = torch.tensor([chosen], device=device if device.type != "cpu" else "cpu")
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        chosen = int(agreed.item())
+    return chosen
+
+
+def _free_memory(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    mod = accel.device_module(device)
+    if mod is not None and hasattr(mod, "empty_cache"):
+        mod.empty_cache()
+
+
+# ---- parallelize ---------------------------------------------------------------------------------
+
+
+def repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The members of the model's ModuleLists: the units checkpointed, compiled and sharded."""
+    return [block for module in model.modules() if isinstance(module, nn.ModuleList) for block in module]
+
+
+def checkpoint_activations(block: nn.Module) -> None:
+    """Recomputes the block's activations in backward instead of storing them; parameter names stay."""
+    from torch.utils.checkpoint import checkpoint
+
+    forward = block.forward
+
+    def checkpointed(*args, **kwargs):
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    block.forward = checkpointed
+
+
+def resolve_strategy(strategy: str, world: int) -> str:
+    if strategy == "auto":
+        return "ddp" if world > 1 else "none"
+    return strategy
+
+
+def parallelize(model: nn.Module, cfg, device: torch.device) -> nn.Module:
+    """Applies activation checkpointing, compile and DDP / FSDP2 / HSDP as `cfg` (a ParallelConfig) says.
+
+    Returns the module to train with (the same object for FSDP2, which shards in place; a DDP wrapper
+    for DDP). Parameter names and the model's state_dict keys are unchanged by all of it.
+    """
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    strategy = resolve_strategy(cfg.strategy, world)
+    blocks = repeated_blocks(model)
+    if cfg.activation_checkpointing:
+        for block in blocks:
+            checkpoint_activations(block)
+    if cfg.compile:
+        for block in blocks:
+            block.compile()
+    if strategy == "none":
+        if cfg.comm_hook != "none":
+            raise ValueError(f"parallel.comm_hook={cfg.comm_hook} needs DDP on several ranks; this run has "
+                             f"{world} rank(s) and strategy '{strategy}'")
+        return model
+    if world == 1 and strategy != "ddp":
+        raise ValueError(f"parallel.strategy={strategy} needs several ranks; launch with torchrun or --nproc")
+    if strategy == "ddp":
+        return _ddp(model, cfg, device)
+    return _fsdp(model, blocks, cfg, device, world, strategy)
+
+
+def _ddp(model: nn.Module, cfg, device: torch.device) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type != "cpu" and device.index is not None else None
+    ddp = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False, gradient_as_bucket_view=True)
+    ddp.comm_state = None
+    if cfg.comm_hook == "torus":
+        from genfoundry.distributed import torus
+
+        rows = cfg.torus_rows or None
+        cols = dist.get_world_size() // rows if rows else None
+        ddp.comm_state = torus.register(ddp, rows, cols)
+    elif cfg.comm_hook in ("topk", "powersgd"):
+        from genfoundry.distributed import compression
+
+        options = ({"ratio": cfg.topk_ratio, "warmup_steps": cfg.topk_warmup_steps} if cfg.comm_hook == "topk"
+                   else {"matrix_rank": cfg.powersgd_rank})
+        ddp.comm_state = compression.register(ddp, cfg.comm_hook, **options)
+    return ddp
+
+
+def _fsdp(model: nn.Module, blocks: list[nn.Module], cfg, device: torch.device, world: int, strategy: str):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if strategy == "hsdp":
+        replicate = cfg.replicate or max(1, world // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+        if world % replicate:
+            raise ValueError(f"parallel.replicate={replicate} does not divide the {world} ranks")
+        mesh = init_device_mesh(device.type, (replicate, world // replicate), mesh_dim_names=("replicate", "shard"))
+    else:
+        mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("shard",))
+    if cfg.comm_hook != "none":
+        from genfoundry.distributed import compression
+
+        compression.check_fsdp_compression(mesh, cfg.comm_hook)
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    model.comm_state = None
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside a DDP wrapper (FSDP2 shards in place, so there is none)."""
+    return getattr(model, "module", model)
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, enabled: bool):
+    """Within this context, backward reduces gradients across ranks only if `enabled` (the last
+    micro-batch of an accumulation); earlier micro-batches only accumulate locally."""
+    if enabled:
+        yield
+    elif hasattr(model, "no_sync"):  # DDP
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
