@@ -25,8 +25,18 @@ class RunError(ValueError):
 
 
 def train(cfg: Config, print_fn=print) -> dict:
-    """Trains or resumes the run `cfg` names; returns the last metrics row."""
-    return Trainer(cfg, print_fn).train()
+    """Trains or resumes the run `cfg` names; returns the last metrics row.
+
+    Under torchrun (WORLD_SIZE > 1) it joins the process group and trains as one rank of many.
+    """
+    from genfoundry.distributed import parallel
+
+    joined_before = torch.distributed.is_available() and torch.distributed.is_initialized()
+    try:
+        return Trainer(cfg, print_fn).train()
+    finally:
+        if not joined_before:
+            parallel.destroy_process_group()
 
 
 def load_trained(run_dir: str | Path, weights: str = "ema", device: str = "auto") -> tuple[DiT, dict]:

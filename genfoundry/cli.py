@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from genfoundry import config as config_lib
@@ -31,8 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train or resume a run (running the same command again resumes)",
                        description="Trains the run the config describes; a run directory that already holds "
-                                   "checkpoints is resumed exactly.", epilog=OVERRIDE_HELP)
+                                   "checkpoints is resumed exactly, on any number of ranks. Under torchrun "
+                                   "(torchrun --nproc-per-node=N -m genfoundry train ...) every rank trains its "
+                                   "share of each global batch.", epilog=OVERRIDE_HELP)
     _config_args(p, "mnist")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="start N processes on this machine through torchrun (default: 1, or as torchrun set)")
 
     p = sub.add_parser("pack", help="pack images into indexed, checksummed WebDataset-layout tar shards",
                        description="Packs SRC (an image folder, a .csv/.parquet list with a 'path' column, or "
@@ -95,9 +100,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def launch_torchrun(nproc: int, argv: list[str]) -> int:
+    """Re-runs this command under torchrun with `nproc` processes on this machine."""
+    args = [a for i, a in enumerate(argv) if not (a.startswith("--nproc") or (i and argv[i - 1] == "--nproc"))]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "genfoundry", *args]
+    os.execv(sys.executable, command)
+    return 0  # not reached
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
     args, rest = parser.parse_known_args(argv)
+    if getattr(args, "nproc", 1) > 1 and "WORLD_SIZE" not in os.environ:
+        return launch_torchrun(args.nproc, argv)
     from genfoundry import api  # after parsing, so that --help stays fast
 
     try:
@@ -142,6 +159,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:  # user mistakes carry a one-line message
         print(f"genfoundry {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from genfoundry.distributed.parallel import is_peer_failure
+
+        if not is_peer_failure(e):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"genfoundry {args.command}: error: lost contact with another rank ({type(e).__name__}: {first}); "
+              f"run the same command again to resume from the last checkpoint", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"genfoundry {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import inspect
 import os
 
 import torch
@@ -33,6 +34,19 @@ def init_process_group(device: torch.device, timeout_s: float) -> bool:
     kwargs = {"device_id": device} if device.type == "cuda" else {}
     dist.init_process_group(accel.comm_backend(device), timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
     return True
+
+
+# What gloo and NCCL say when a peer died or a collective outlived the timeout (they raise plain
+# RuntimeErrors as often as torch.distributed.DistError).
+_PEER_FAILURE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "timed out", "Timed out",
+                 "NCCL communicator was aborted", "ProcessGroupNCCL", "ProcessGroupGloo")
+
+
+def is_peer_failure(error: BaseException) -> bool:
+    """True for the errors a rank sees when another rank died or stopped answering."""
+    if isinstance(error, dist.DistError):
+        return True
+    return isinstance(error, RuntimeError) and any(s in str(error) for s in _PEER_FAILURE)
 
 
 def destroy_process_group() -> None:
@@ -162,7 +176,10 @@ def _ddp(model: nn.Module, cfg, device: torch.device) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type != "cpu" and device.index is not None else None
-    ddp = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False, gradient_as_bucket_view=True)
+    # Buffers are constants computed at construction (identical on every rank): nothing to broadcast.
+    sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+            else {"broadcast_buffers": False})
+    ddp = DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True, **sync)
     ddp.comm_state = None
     if cfg.comm_hook == "torus":
         from genfoundry.distributed import torus
