@@ -75,11 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="device, e.g. cpu or cuda:0 (default: auto)")
     p = sub.add_parser("bench", help="benchmarks that print figures and write JSON")
     bench = p.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
-    b = bench.add_parser("train", help="training images/s and MFU of DiT presets on random latents")
+    b = bench.add_parser("train", help="training images/s and MFU of DiT presets on random latents, against a "
+                                       "plain eager PyTorch loop (under torchrun: on every rank, with DDP)")
     b.add_argument("--preset", action="append", help="model preset, repeatable (default: DiT-B/2)")
-    b.add_argument("--batch-size", type=int, default=256, help="images per step (default: 256)")
-    b.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="bf16", help="default: bf16")
-    b.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    b.add_argument("--batch-size", type=int, default=256, help="images per step per rank (default: 256)")
+    b.add_argument("--precision", choices=["fp32", "bf16", "fp16"], action="append",
+                   help="repeatable (default: bf16)")
+    b.add_argument("--compile", choices=["blocks", "model", "none"], default="blocks",
+                   help="torch.compile each block (as parallel.compile does), the whole model, or nothing "
+                        "(default: blocks)")
+    b.add_argument("--no-baseline", action="store_true", help="skip the plain eager PyTorch loop")
     b.add_argument("--steps", type=int, default=30, help="timed steps after warm-up (default: 30)")
     b.add_argument("--out", help="write the results as JSON here")
     b.add_argument("--device", default="auto", help="device (default: auto)")
@@ -151,8 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "bench":
             from genfoundry.bench.throughput import run
 
-            run(args.preset or ["DiT-B/2"], args.batch_size, args.precision, not args.no_compile, args.steps,
-                args.out, args.device)
+            precisions = args.precision or ["bf16"]
+            run(args.preset or ["DiT-B/2"], args.batch_size, precisions[0], args.compile, args.steps, args.out,
+                args.device, not args.no_baseline, precisions)
         elif args.command == "eval":
             api.evaluate(args.run_dir, args.num_samples, args.reference, args.split, args.device)
         return 0

@@ -41,41 +41,89 @@ def matmul_ceiling(device: torch.device, precision: str = "bf16", n: int = 8192,
     return 2 * n**3 / statistics.median(times)
 
 
-def train_throughput(preset: str = "DiT-B/2", image_size: int = 32, channels: int = 4, num_classes: int = 1000,
-                     batch_size: int = 256, precision: str = "bf16", compile: bool = True, warmup: int = 10,
-                     steps: int = 30, device: str = "auto") -> dict:
-    """Images/s of full training steps (forward, backward, AdamW) on random data."""
-    dev = accel.get_device(device)
+def _world() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def build_step(impl: str, preset: str, image_size: int, channels: int, num_classes: int, batch_size: int,
+               precision: str, compile: str, dev: torch.device):
+    """A function running one training step of `batch_size` images per rank, and the model.
+
+    impl "genfoundry": the trainer's path: `parallelize` (DDP on several ranks), per-sample keyed noise,
+    fused AdamW, the fp16 loss scaler. impl "baseline": a plain PyTorch loop, DDP on several ranks,
+    eager (no compile), batched noise, AdamW as torch defaults it.
+    """
+    from genfoundry.config import ParallelConfig
+    from genfoundry.distributed import parallel
+    from genfoundry.trainer.precision import DynamicLossScaler
+
     torch.manual_seed(0)
     model = build_model(preset, image_size, channels, num_classes).to(dev)
-    flops_fwd = model.flops_per_forward()
-    net = torch.compile(model) if compile else model
-    fused = dev.type != "cpu"
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
     objective = FlowMatching()
-    gen = torch.Generator(dev).manual_seed(0)
+    gen = torch.Generator(dev).manual_seed(_rank())
     x = torch.randn(batch_size, channels, image_size, image_size, device=dev)
     y = torch.randint(0, num_classes, (batch_size,), device=dev)
+    scaler = DynamicLossScaler() if precision == "fp16" else None
+    if impl == "baseline":
+        net = model
+        if _world() > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        draw = lambda: objective.draw(x, gen)  # noqa: E731
+    else:
+        net = parallel.parallelize(model, ParallelConfig(compile=compile == "blocks"), dev)
+        if compile == "model":
+            net = torch.compile(net)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type != "cpu")
+        step_no = [0]
+
+        def draw():
+            step_no[0] += 1
+            base = step_no[0] * 1_000_003 + _rank() * batch_size
+            return objective.draw_keyed(x, range(base, base + batch_size))
 
     def step():
-        t, eps, drop = objective.draw(x, gen)
+        t, eps, drop = draw()
         with accel.autocast(dev, precision):
             loss = objective.loss(net, x, y, t, eps, drop)
-        loss.backward()
-        opt.step()
+        (loss * scaler.scale if scaler else loss).backward()
+        if scaler is None or scaler.unscale_and_check(list(model.parameters())):
+            opt.step()
         opt.zero_grad(set_to_none=True)
 
+    return step, model
+
+
+def train_throughput(preset: str = "DiT-B/2", image_size: int = 32, channels: int = 4, num_classes: int = 1000,
+                     batch_size: int = 256, precision: str = "bf16", compile: str = "blocks", warmup: int = 10,
+                     steps: int = 30, device: str = "auto", impl: str = "genfoundry") -> dict:
+    """Images/s of full training steps (forward, backward, AdamW) on random data, over all ranks."""
+    dev = accel.get_device(device)
+    step, model = build_step(impl, preset, image_size, channels, num_classes, batch_size, precision,
+                             compile if impl == "genfoundry" else "none", dev)
+    flops_fwd = model.flops_per_forward()
     time_it = _timer(dev)
     compile_s = sum(time_it(step) for _ in range(warmup))
     accel.reset_peak_memory(dev)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
     elapsed = time_it(lambda: [step() for _ in range(steps)])
-    ips = steps * batch_size / elapsed
+    world = _world()
+    ips = steps * batch_size * world / elapsed
     achieved = ips * 3 * flops_fwd
     peak = accel.peak_flops(dev, precision)
+    peak = peak * world if peak else None
     memory = accel.max_memory_allocated(dev)
     return {
-        "preset": preset, "input": [channels, image_size, image_size], "tokens": model.arch.num_tokens,
-        "batch_size": batch_size, "precision": precision, "compile": compile, "device": accel.device_name(dev),
+        "preset": preset, "impl": impl, "input": [channels, image_size, image_size], "tokens": model.arch.num_tokens,
+        "world_size": world, "batch_size_per_rank": batch_size, "precision": precision,
+        "compile": compile if impl == "genfoundry" else "none", "device": accel.device_name(dev),
         "torch": torch.__version__, "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "gflops_per_forward": flops_fwd / 1e9, "images_per_s": ips, "achieved_tflops": achieved / 1e12,
         "datasheet_peak_tflops": peak / 1e12 if peak else None,
@@ -84,22 +132,41 @@ def train_throughput(preset: str = "DiT-B/2", image_size: int = 32, channels: in
     }
 
 
-def run(presets: list[str], batch_size: int, precision: str, compile: bool, steps: int, out: str | None,
-        device: str = "auto") -> list[dict]:
+def run(presets: list[str], batch_size: int, precision: str, compile: str, steps: int, out: str | None,
+        device: str = "auto", baseline: bool = True, precisions: list[str] | None = None) -> list[dict]:
+    """Each preset (and precision) through genfoundry's path and, with `baseline`, a plain eager loop.
+
+    Under torchrun every rank runs it; rank 0 prints and writes. MFU counts all ranks' peak.
+    """
+    from genfoundry.distributed import parallel
+
     dev = accel.get_device(device)
+    parallel.init_process_group(dev, 600)
     ceiling = matmul_ceiling(dev, precision)
-    print(f"matrix-product ceiling ({precision}, {accel.device_name(dev)}): {ceiling / 1e12:.1f} TFLOP/s")
+    say = print if _rank() == 0 else (lambda *a, **k: None)
+    say(f"matrix-product ceiling ({precision}, {accel.device_name(dev)}): {ceiling / 1e12:.1f} TFLOP/s; "
+        f"{_world()} rank(s)")
     results = []
     for preset in presets:
-        r = train_throughput(preset, batch_size=batch_size, precision=precision, compile=compile, steps=steps,
-                             device=device)
-        r["matmul_ceiling_tflops"] = ceiling / 1e12
-        r["mfu_measured_ceiling"] = r["achieved_tflops"] * 1e12 / ceiling
-        mfu = f"{r['mfu_datasheet']:.1%}" if r["mfu_datasheet"] is not None else "n/a"
-        print(f"{preset}: {r['images_per_s']:.0f} images/s, {r['achieved_tflops']:.1f} TFLOP/s, MFU {mfu} of "
-              f"datasheet peak, {r['mfu_measured_ceiling']:.1%} of measured matmul ceiling")
-        results.append(r)
-    if out:
+        for prec in precisions or [precision]:
+            for impl in ("genfoundry", "baseline") if baseline else ("genfoundry",):
+                r = train_throughput(preset, batch_size=batch_size, precision=prec, compile=compile, steps=steps,
+                                     device=device, impl=impl)
+                r["matmul_ceiling_tflops"] = ceiling / 1e12
+                r["mfu_measured_ceiling"] = r["achieved_tflops"] * 1e12 / (ceiling * _world())
+                mfu = f"{r['mfu_datasheet']:.1%}" if r["mfu_datasheet"] is not None else "n/a"
+                mem = f"{r['peak_memory_gb']:.1f} GB" if r["peak_memory_gb"] else "n/a"
+                say(f"{preset} {prec} {impl:>10} x{r['world_size']}: {r['images_per_s']:.0f} images/s, "
+                    f"{r['achieved_tflops']:.1f} TFLOP/s, MFU {mfu} of datasheet peak, "
+                    f"{r['mfu_measured_ceiling']:.1%} of measured ceiling, peak memory {mem}")
+                results.append(r)
+                torch.cuda.empty_cache() if dev.type == "cuda" else None
+            if baseline:
+                ours, base = results[-2], results[-1]
+                say(f"{preset} {prec}: genfoundry / baseline = {ours['images_per_s'] / base['images_per_s']:.2f}x")
+    if out and _rank() == 0:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps({"format_version": 1, "benchmark": "train_throughput", "results": results}, indent=2))
+        Path(out).write_text(json.dumps({"format_version": 2, "benchmark": "train_throughput", "results": results},
+                                        indent=2))
+    parallel.destroy_process_group()
     return results

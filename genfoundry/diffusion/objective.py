@@ -9,17 +9,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def logit_normal(n: int, generator: torch.Generator, device, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
-    """t = sigmoid(m + s u), u ~ N(0, 1): more weight on middle times (Esser et al. 2024, Eq. 19)."""
-    u = torch.randn(n, generator=generator, device=device)
-    return torch.sigmoid(mean + std * u)
+from genfoundry.diffusion.noise import keyed_normal, keyed_uniform
 
 
-def uniform(n: int, generator: torch.Generator, device, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
-    return torch.rand(n, generator=generator, device=device)
+def logit_normal(u: torch.Tensor, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
+    """t = sigmoid(m + s z), z ~ N(0, 1): more weight on middle times (Esser et al. 2024, Eq. 19)."""
+    return torch.sigmoid(mean + std * torch.special.ndtri(u))
 
 
+def uniform(u: torch.Tensor, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
+    return u
+
+
+# name -> t from a uniform u in (0, 1) (an inverse CDF), so that any source of uniforms can drive it
 TIME_SAMPLERS = {"logit-normal": logit_normal, "uniform": uniform}
 
 # t -> per-sample loss weight
@@ -45,27 +47,24 @@ class FlowMatching:
         self.class_dropout = class_dropout
 
     def draw(self, x0: torch.Tensor, generator: torch.Generator):
-        """(t, eps, drop) for a batch: the randomness of one training step."""
+        """(t, eps, drop) for a batch from a generator: the randomness of one training step."""
         n = x0.shape[0]
-        t = self.sample_t(n, generator, x0.device, self.logit_mean, self.logit_std)
+        u = torch.rand(n, generator=generator, device=x0.device).clamp_(1e-7, 1 - 1e-7)
+        t = self.sample_t(u, self.logit_mean, self.logit_std)
         eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         drop = torch.rand(n, generator=generator, device=x0.device) < self.class_dropout
         return t, eps, drop
 
     def draw_keyed(self, x0: torch.Tensor, keys) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(t, eps, drop) with sample i's randomness drawn from its own stream, seeded by keys[i].
+        """(t, eps, drop) where sample i's randomness is a pure function of keys[i] (genfoundry.diffusion.noise).
 
-        A sample's noise then depends only on its key (the trainer uses its position in the global
-        batch), not on how the global batch is split over ranks and micro-batches.
+        The trainer keys samples by their position in the global batch, so the noise does not depend
+        on how the global batch is split over ranks and micro-batches.
         """
-        gen = torch.Generator(x0.device)
-        ts, noise, drops = [], [], []
-        for key in keys:
-            gen.manual_seed(int(key))
-            ts.append(self.sample_t(1, gen, x0.device, self.logit_mean, self.logit_std))
-            noise.append(torch.randn(x0.shape[1:], generator=gen, device=x0.device, dtype=x0.dtype))
-            drops.append(torch.rand(1, generator=gen, device=x0.device))
-        return torch.cat(ts), torch.stack(noise), torch.cat(drops) < self.class_dropout
+        u = keyed_uniform(keys, 2, x0.device)
+        t = self.sample_t(u[:, 0], self.logit_mean, self.logit_std)
+        eps = keyed_normal(keys, tuple(x0.shape[1:]), x0.device, x0.dtype)
+        return t, eps, u[:, 1] < self.class_dropout
 
     def loss(self, model, x0, y, t, eps, drop=None) -> torch.Tensor:
         """Mean over the batch of w(t) ||v_theta(x_t, t, y) - (eps - x_0)||^2 (per-pixel mean)."""

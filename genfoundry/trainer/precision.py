@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 
@@ -18,12 +16,21 @@ class DynamicLossScaler:
         self.clean_steps = 0
 
     def unscale_and_check(self, params) -> bool:
-        """Divides gradients by the scale in place; True if every gradient is finite."""
-        grads = [p.grad for p in params if p.grad is not None]
-        if grads:
-            torch._foreach_mul_(grads, 1.0 / self.scale)
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])) if grads else torch.zeros(())
-        return math.isfinite(norm.item())
+        """Divides gradients by the scale in place; True if every gradient is finite.
+
+        One fused pass per device and dtype (torch's own AMP kernel), and one host sync for the answer.
+        """
+        groups: dict[tuple, list[torch.Tensor]] = {}
+        for p in params:
+            if p.grad is not None:
+                groups.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+        found = []
+        for (device, _), grads in groups.items():
+            flag = torch.zeros(1, device=device)
+            inv = torch.full((1,), 1.0 / self.scale, device=device)
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, flag, inv)
+            found.append(flag.cpu())
+        return not any(f.item() for f in found)
 
     def update(self, finite: bool) -> None:
         if finite:

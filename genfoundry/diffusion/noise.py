@@ -1,0 +1,64 @@
+"""Counter-based random numbers: value j of sample k is a pure function of (key_k, j).
+
+Training noise drawn this way depends only on each sample's key (the trainer uses the run seed, the
+step and the sample's position in the global batch), never on how a global batch is split over ranks
+and micro-batches, and it costs a few element-wise passes on the device instead of a generator call
+per sample. The mixing function is a 32-bit integer hash with good avalanche (the "lowbias32"
+constants), applied twice per value; normals come from the Box-Muller transform.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+_MASK = 0xFFFFFFFF
+_TWO_PI = 2 * math.pi
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A bijective mix of 32-bit values held in int64 (products wrap; the low 32 bits stay exact)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK
+    return x ^ (x >> 16)
+
+
+def _seeds(keys, device) -> torch.Tensor:
+    """One 32-bit stream seed per key (keys are non-negative integers below 2**63)."""
+    k = torch.as_tensor(list(keys) if not isinstance(keys, torch.Tensor) else keys, dtype=torch.int64, device=device)
+    return _hash32((k & _MASK) ^ _hash32((k >> 32) & _MASK))
+
+
+def _bits(seeds: torch.Tensor, counters: torch.Tensor, salt: int) -> torch.Tensor:
+    """Hash of (seed, salt, counter) for every seed x counter pair: [len(seeds), len(counters)].
+
+    The salt is folded into the seed, so streams of different salts share no values position-wise.
+    """
+    s = _hash32(seeds ^ _hash32(torch.tensor(salt * 0x9E3779B9 & _MASK, device=seeds.device)))
+    x = _hash32(s[:, None] ^ _hash32(counters)[None, :])
+    return _hash32(x ^ s[:, None])
+
+
+def _unit(bits: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """Uniform in the open interval (0, 1) from the top 24 bits."""
+    return ((bits >> 8).to(dtype) + 0.5) * (1.0 / (1 << 24))
+
+
+def keyed_uniform(keys, count: int, device, salt: int = 0) -> torch.Tensor:
+    """[len(keys), count] uniforms in (0, 1); `salt` selects an independent stream."""
+    counters = torch.arange(count, dtype=torch.int64, device=device)
+    return _unit(_bits(_seeds(keys, device), counters, 2 * salt + 1))
+
+
+def keyed_normal(keys, shape: tuple[int, ...], device, dtype=torch.float32, salt: int = 0) -> torch.Tensor:
+    """[len(keys), *shape] standard normals."""
+    count = math.prod(shape)
+    seeds = _seeds(keys, device)
+    counters = torch.arange(count, dtype=torch.int64, device=device)
+    u1 = _unit(_bits(seeds, counters, 2 * salt + 1000))
+    u2 = _unit(_bits(seeds, counters, 2 * salt + 1001))  # salts 1000+ are kept for normals
+    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(_TWO_PI * u2)
+    return z.view(len(seeds), *shape).to(dtype)
