@@ -39,7 +39,33 @@ def save(bundle: dict, directory: str | Path, step: int, keep: int = 2) -> Path:
         os.close(dir_fd)
     for old in list_checkpoints(directory)[:-keep]:
         old.unlink(missing_ok=True)
+        for rank_file in directory.glob(f"{old.stem}.rank*.pt"):
+            rank_file.unlink(missing_ok=True)
     return path
+
+
+def rank_state_path(directory: str | Path, step: int, rank: int) -> Path:
+    return Path(directory) / f"step-{step:09d}.rank{rank}.pt"
+
+
+def save_rank_state(state: dict, directory: str | Path, step: int, rank: int) -> Path:
+    """State that differs between ranks (e.g. compression residuals), beside the step's bundle.
+
+    Written before the bundle, so a bundle that exists has its rank files; pruned with it."""
+    path = rank_state_path(directory, step, rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save({"format_version": FORMAT_VERSION, **state}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def load_rank_state(directory: str | Path, step: int, rank: int, map_location="cpu") -> dict | None:
+    path = rank_state_path(directory, step, rank)
+    return load(path, map_location) if path.is_file() else None
 
 
 def list_checkpoints(directory: str | Path) -> list[Path]:

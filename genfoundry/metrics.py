@@ -65,7 +65,7 @@ class ConsoleSink:
     def write(self, step: int, values: dict) -> None:
         parts = [f"step {step:>6}/{self.total_steps}"]
         for key, fmt in (("loss", ".4f"), ("val_loss", ".4f"), ("lr", ".2e"), ("grad_norm", ".3f"),
-                         ("images_per_s", ".0f"), ("mfu", ".1%")):
+                         ("images_per_s", ".0f"), ("mfu", ".1%"), ("comm/compression_ratio", ".1f")):
             if values.get(key) is not None:
                 parts.append(f"{key} {values[key]:{fmt}}")
         if values.get("eta_s") is not None:

@@ -26,6 +26,9 @@ def _entry(rank, fn, world_size, port, args):
     try:
         fn(rank, world_size, *args)
     finally:
+        import gc
+
+        gc.collect()  # DDP's reducer must go before the group, or gloo may abort at exit
         dist.destroy_process_group()
 
 

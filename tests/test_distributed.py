@@ -176,3 +176,22 @@ def test_nproc_and_two_node_rendezvous_train_like_one_process(tmp_path, cli):
     one = final_weights(tmp_path / "one")
     assert_close_weights(one, final_weights(tmp_path / "nproc"))
     assert_close_weights(one, final_weights(tmp_path / "nodes"))
+
+
+@pytest.mark.timeout(240)
+def test_topk_compression_trains_reports_bytes_and_resumes_exactly(tmp_path):
+    overrides = {"parallel.comm_hook": "topk", "parallel.topk_ratio": 0.05, "parallel.topk_warmup_steps": 2,
+                 "train.steps": 4, "train.checkpoint_every": 2}
+    run_ranks(_train_rank, 2, tmp_path, "whole", overrides, timeout=180)
+    run_ranks(_train_rank, 2, tmp_path, "split", {**overrides, "train.steps": 2}, timeout=180)
+    assert (tmp_path / "split" / "checkpoints" / "step-000000002.rank1.pt").is_file()
+    run_ranks(_train_rank, 2, tmp_path, "split", overrides, timeout=180)
+    whole, split = final_weights(tmp_path / "whole"), final_weights(tmp_path / "split")
+    for kind in whole:
+        assert all(torch.equal(whole[kind][k], split[kind][k]) for k in whole[kind]), kind
+    rows = metrics.read_jsonl(tmp_path / "whole" / "metrics.jsonl")
+    last = rows[-1]
+    assert last["comm/bytes_per_step"] > 0 and last["comm/compression_ratio"] > 5
+    run_ranks(_train_rank, 2, tmp_path, "plain", {"train.steps": 4}, timeout=180)
+    plain = metrics.read_jsonl(tmp_path / "plain" / "metrics.jsonl")[-1]
+    assert abs(last["val_loss"] - plain["val_loss"]) < 0.1 * plain["val_loss"]

@@ -102,7 +102,7 @@ def build_step(impl: str, preset: str, image_size: int, channels: int, num_class
 
 def train_throughput(preset: str = "DiT-B/2", image_size: int = 32, channels: int = 4, num_classes: int = 1000,
                      batch_size: int = 256, precision: str = "bf16", compile: str = "blocks", warmup: int = 10,
-                     steps: int = 30, device: str = "auto", impl: str = "genfoundry") -> dict:
+                     steps: int = 30, device: str = "auto", impl: str = "genfoundry", profile: bool = False) -> dict:
     """Images/s of full training steps (forward, backward, AdamW) on random data, over all ranks."""
     dev = accel.get_device(device)
     step, model = build_step(impl, preset, image_size, channels, num_classes, batch_size, precision,
@@ -114,6 +114,7 @@ def train_throughput(preset: str = "DiT-B/2", image_size: int = 32, channels: in
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     elapsed = time_it(lambda: [step() for _ in range(steps)])
+    kernels = profile_kernels(step, dev) if profile else None
     world = _world()
     ips = steps * batch_size * world / elapsed
     achieved = ips * 3 * flops_fwd
@@ -129,11 +130,45 @@ def train_throughput(preset: str = "DiT-B/2", image_size: int = 32, channels: in
         "datasheet_peak_tflops": peak / 1e12 if peak else None,
         "mfu_datasheet": achieved / peak if peak else None,
         "warmup_s": compile_s, "timed_steps": steps, "peak_memory_gb": memory / 2**30 if memory else None,
+        "kernels": kernels,
     }
 
 
+# Kernel-name fragments -> where the time goes (first match wins).
+KERNEL_KINDS = (("fused elementwise (compiled)", ("triton",)),
+                ("attention", ("flash", "fmha", "attention", "sdpa", "efficient")),
+                ("matmul", ("gemm", "cutlass", "nvjet", "sm90", "matmul", "wgmma")),
+                ("optimizer", ("adam", "foreach", "multi_tensor")),
+                ("copy/cast", ("copy", "cast", "convert")))
+
+
+def profile_kernels(step, dev: torch.device, steps: int = 5) -> dict:
+    """Device time per kind of kernel over a few steps: where a step's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    accel.synchronize(dev)
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        accel.synchronize(dev)
+    totals: dict[str, float] = {}
+    top = []
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
+        if dev.type != "cuda" or us <= 0 or e.device_type != torch.autograd.DeviceType.CUDA:
+            continue  # kernels only: operators would count their kernels' time a second time
+        name = e.key.lower()
+        kind = next((k for k, words in KERNEL_KINDS if any(w in name for w in words)), "other")
+        totals[kind] = totals.get(kind, 0.0) + us / steps / 1e3
+        top.append((us / steps / 1e3, e.key[:90]))
+    top.sort(reverse=True)
+    return {"ms_per_step_by_kind": totals, "top_ms_per_step": top[:15]}
+
+
 def run(presets: list[str], batch_size: int, precision: str, compile: str, steps: int, out: str | None,
-        device: str = "auto", baseline: bool = True, precisions: list[str] | None = None) -> list[dict]:
+        device: str = "auto", baseline: bool = True, precisions: list[str] | None = None,
+        profile: bool = False) -> list[dict]:
     """Each preset (and precision) through genfoundry's path and, with `baseline`, a plain eager loop.
 
     Under torchrun every rank runs it; rank 0 prints and writes. MFU counts all ranks' peak.
@@ -151,7 +186,7 @@ def run(presets: list[str], batch_size: int, precision: str, compile: str, steps
         for prec in precisions or [precision]:
             for impl in ("genfoundry", "baseline") if baseline else ("genfoundry",):
                 r = train_throughput(preset, batch_size=batch_size, precision=prec, compile=compile, steps=steps,
-                                     device=device, impl=impl)
+                                     device=device, impl=impl, profile=profile and impl == "genfoundry")
                 r["matmul_ceiling_tflops"] = ceiling / 1e12
                 r["mfu_measured_ceiling"] = r["achieved_tflops"] * 1e12 / (ceiling * _world())
                 mfu = f"{r['mfu_datasheet']:.1%}" if r["mfu_datasheet"] is not None else "n/a"
@@ -159,6 +194,10 @@ def run(presets: list[str], batch_size: int, precision: str, compile: str, steps
                 say(f"{preset} {prec} {impl:>10} x{r['world_size']}: {r['images_per_s']:.0f} images/s, "
                     f"{r['achieved_tflops']:.1f} TFLOP/s, MFU {mfu} of datasheet peak, "
                     f"{r['mfu_measured_ceiling']:.1%} of measured ceiling, peak memory {mem}")
+                if r["kernels"]:
+                    kinds = ", ".join(f"{k} {v:.1f}" for k, v in sorted(r["kernels"]["ms_per_step_by_kind"].items(),
+                                                                       key=lambda kv: -kv[1]))
+                    say(f"  device ms per step by kernel kind: {kinds}")
                 results.append(r)
                 torch.cuda.empty_cache() if dev.type == "cuda" else None
             if baseline:

@@ -207,6 +207,9 @@ def _fsdp(model: nn.Module, blocks: list[nn.Module], cfg, device: torch.device, 
         mesh = init_device_mesh(device.type, (replicate, world // replicate), mesh_dim_names=("replicate", "shard"))
     else:
         mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("shard",))
+    if cfg.comm_hook == "torus":
+        raise ValueError("parallel.comm_hook=torus replaces DDP's all-reduce; FSDP2 reduce-scatters instead. "
+                         "Use parallel.strategy=ddp with it")
     if cfg.comm_hook != "none":
         from genfoundry.distributed import compression
 

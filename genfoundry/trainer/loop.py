@@ -75,7 +75,7 @@ class Trainer:
         peak = accel.peak_flops(self.device, tc.precision)
         self.peak_flops = peak * self.world if peak else None
         self.comm_state = getattr(self.model, "comm_state", None)
-        self._comm_bytes = 0
+        self._comm_bytes = self._dense_bytes = 0
         self._make_validation_batch()
 
     @property
@@ -168,6 +168,26 @@ class Trainer:
         self.overflow_streak = state["overflow_streak"]
         self.loader.load_state_dict(state["data"])
         accel.set_rng_states(self.device, state["rng"])
+        self.load_comm_state()
+
+    def load_comm_state(self) -> None:
+        """This rank's communication-hook state of the resumed step; on another world size the
+        per-rank residuals have no owner, so only the schedule (its step) carries over."""
+        if not hasattr(self.comm_state, "load_state_dict"):
+            return
+        directory = self.run_dir / "checkpoints"
+        saved = checkpoint.load_rank_state(directory, self.step, self.rank) or \
+            checkpoint.load_rank_state(directory, self.step, 0)
+        if saved is None:
+            self.print("warning: no communication-hook state for this step; its schedule restarts")
+            return
+        if saved["world_size"] != self.world:
+            self.comm_state.step = saved["step"]
+            self.print(f"communication-hook residuals were saved on {saved['world_size']} ranks; they restart at zero")
+            return
+        self.comm_state.load_state_dict({k: v for k, v in saved.items() if k not in ("world_size", "format_version")})
+        self._comm_bytes = self.comm_state.bytes_sent
+        self._dense_bytes = getattr(self.comm_state, "dense_bytes", 0)
 
     def prepare_run_dir(self) -> None:
         """Creates the run directory, or checks that it belongs to this config and resumes from it."""
@@ -219,6 +239,10 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         state = self.state_dict()  # every rank: under FSDP2 this gathers
+        if hasattr(self.comm_state, "state_dict"):  # per-rank: e.g. top-k residuals
+            comm = {"world_size": self.world, **self.comm_state.state_dict()}
+            checkpoint.save_rank_state(comm, self.run_dir / "checkpoints", self.step, self.rank)
+            self.barrier()
         if self.rank == 0:
             checkpoint.save(state, self.run_dir / "checkpoints", self.step, self.cfg.train.keep_checkpoints)
         self.barrier()
@@ -266,8 +290,10 @@ class Trainer:
             sent = self.comm_state.bytes_sent
             metrics.report("comm/bytes_per_step", sent - self._comm_bytes)
             self._comm_bytes = sent
-            if getattr(self.comm_state, "dense_bytes", 0):
-                metrics.report("comm/compression_ratio", self.comm_state.dense_bytes / max(sent, 1))
+            dense = getattr(self.comm_state, "dense_bytes", None)
+            if dense is not None:  # what a plain all-reduce would have sent this step
+                metrics.report("comm/dense_bytes_per_step", dense - self._dense_bytes)
+                self._dense_bytes = dense
         self.step += 1
         self.images_seen += tc.global_batch_size
 
@@ -343,6 +369,8 @@ class Trainer:
         now = time.perf_counter()
         accel.synchronize(self.device)
         values = metrics.collect()
+        if values.get("comm/bytes_per_step") and values.get("comm/dense_bytes_per_step") is not None:
+            values["comm/compression_ratio"] = values["comm/dense_bytes_per_step"] / values["comm/bytes_per_step"]
         elapsed, steps = now - self._tick[0], self.step - self._tick[1]
         self._tick = (now, self.step)
         if steps:

@@ -1,0 +1,285 @@
+"""Gradient compression as DDP communication hooks: top-k sparsification with error feedback, and PowerSGD.
+
+`register(ddp_model, "topk" | "powersgd", **options)` installs a hook and returns its state. Every state
+counts, cumulatively for this rank:
+
+- `bytes_sent`: bytes this rank put on the network for gradients, assuming ring collectives: an
+  all-reduce of n elements sends 2 (p - 1) / p * n * itemsize, an all-gather of c bytes per rank sends
+  (p - 1) * c, where p is the number of ranks;
+- `dense_bytes`: what the plain all-reduce of the same buckets would have sent.
+
+`dense_bytes / bytes_sent` is the compression ratio. FSDP2 reduce-scatters are not compressed; see
+`check_fsdp_compression`.
+"""
+
+# No `from __future__ import annotations`: DDP inspects a hook's annotations as objects and rejects strings.
+
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import PowerSGDState, powerSGD_hook
+
+# torch 2.13 renamed all_gather_into_tensor to all_gather_single; 2.11 has only the old name.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def allreduce_bytes(numel: int, itemsize: int, world: int) -> int:
+    """Bytes one rank sends in a ring all-reduce of `numel` elements: 2 (p - 1) / p * n * itemsize."""
+    return 2 * (world - 1) * numel * itemsize // world
+
+
+def allgather_bytes(nbytes: int, world: int) -> int:
+    """Bytes one rank sends in a ring all-gather where each rank contributes `nbytes`: (p - 1) * nbytes."""
+    return (world - 1) * nbytes
+
+
+def _group_size(process_group) -> int:
+    return (process_group or dist.group.WORLD).size()
+
+
+# ---- top-k with error feedback -------------------------------------------------------------------
+
+
+def kept_count(numel: int, density: float) -> int:
+    """How many of `numel` entries a step at `density` sends; at least one, at most all."""
+    return max(1, min(numel, round(density * numel)))
+
+
+def index_dtype(numel: int) -> torch.dtype:
+    return torch.int32 if numel < 2**31 else torch.int64
+
+
+def select_topk(grad: torch.Tensor, residual: torch.Tensor, k: int):
+    """The k largest-magnitude entries of grad + residual, and what is left behind.
+
+    Returns (indices, values, new_residual): values are in the gradient's dtype, as they are sent;
+    new_residual (fp32) is (grad + residual) - sent, so sent + new_residual == grad + residual exactly,
+    including the rounding of values to a 16-bit gradient dtype.
+    """
+    accumulated = grad.float() + residual
+    indices = torch.topk(accumulated.abs(), k, sorted=False).indices
+    values = accumulated[indices].to(grad.dtype)
+    accumulated[indices] -= values.float()
+    return indices, values, accumulated
+
+
+class TopKState:
+    """Per-rank state of the top-k hook: schedule, residuals per bucket and byte counters.
+
+    The kept fraction ("density") is 1 for the first `dense_steps` synchronised steps (plain all-reduce),
+    then decays geometrically from `start_density` to `ratio` over `warmup_steps` steps:
+    density(t) = start_density * (ratio / start_density) ** (t / warmup_steps), t counted from the end
+    of the dense steps; `ratio` from then on. Steps are counted in the hook, which DDP calls only on
+    synchronised backward passes, so micro-steps under `no_sync()` do not advance the schedule.
+    """
+
+    def __init__(self, process_group=None, ratio: float = 0.01, warmup_steps: int = 100,
+                 start_density: float = 0.25, dense_steps: int = 1):
+        if not 0.0 < ratio <= 1.0:
+            raise ValueError(f"top-k ratio must be in (0, 1], got {ratio}")
+        if warmup_steps < 0 or dense_steps < 0:
+            raise ValueError(f"top-k warmup_steps and dense_steps must be >= 0, got {warmup_steps}, {dense_steps}")
+        self.process_group = process_group
+        self.ratio = ratio
+        self.warmup_steps = warmup_steps
+        self.start_density = max(start_density, ratio)
+        self.dense_steps = dense_steps
+        self.step = 0
+        # Residuals are kept per parameter (by its position in the model), not per bucket: DDP lays its
+        # buckets out again after the first iteration, and again after every restart.
+        self.residuals: dict[int, torch.Tensor] = {}
+        self.positions: dict[int, int] = {}  # id(parameter) -> position; filled by register()
+        self.bytes_sent = 0
+        self.dense_bytes = 0
+
+    def density(self, step: int | None = None) -> float:
+        """Fraction of entries kept at synchronised step `step` (default: the current one)."""
+        step = self.step if step is None else step
+        if step < self.dense_steps:
+            return 1.0
+        t = step - self.dense_steps
+        if t >= self.warmup_steps:
+            return self.ratio
+        return self.start_density * (self.ratio / self.start_density) ** (t / self.warmup_steps)
+
+    def bucket_residual(self, bucket) -> torch.Tensor:
+        """The fp32 residual of a bucket's parameters, laid out as its flat gradient buffer."""
+        grad = bucket.buffer()
+        parts = [self.residuals.get(self.positions.get(id(p), -1)) for p in bucket.parameters()]
+        if all(r is None for r in parts):
+            return torch.zeros(grad.numel(), dtype=torch.float32, device=grad.device)
+        return torch.cat([r.to(grad.device) if r is not None else
+                          torch.zeros(p.numel(), dtype=torch.float32, device=grad.device)
+                          for r, p in zip(parts, bucket.parameters())])
+
+    def keep_residual(self, bucket, residual: torch.Tensor) -> None:
+        """Stores a bucket's new residual, split back into its parameters."""
+        params = bucket.parameters()
+        for p, part in zip(params, residual.split([p.numel() for p in params])):
+            self.residuals[self.positions.setdefault(id(p), len(self.positions))] = part
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "bytes_sent": self.bytes_sent, "dense_bytes": self.dense_bytes,
+                "residuals": dict(self.residuals)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.bytes_sent, self.dense_bytes = state["step"], state["bytes_sent"], state["dense_bytes"]
+        self.residuals = dict(state["residuals"])
+
+
+def select_topk_per_parameter(grad: torch.Tensor, residual: torch.Tensor, sizes: list[int], density: float):
+    """`select_topk` on each parameter's slice of a flat bucket, keeping `kept_count(size, density)` of each.
+
+    Selecting per parameter, not per bucket, makes what is sent independent of how DDP groups
+    parameters into buckets (which changes after the first iteration and after every restart), so a
+    resumed run sends exactly what an uninterrupted one would.
+    """
+    indices, values, residuals, start = [], [], [], 0
+    for size in sizes:
+        i, v, r = select_topk(grad[start:start + size], residual[start:start + size], kept_count(size, density))
+        indices.append(i + start)
+        values.append(v)
+        residuals.append(r)
+        start += size
+    return torch.cat(indices), torch.cat(values), torch.cat(residuals)
+
+
+def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """DDP comm hook: exchanges the top-k entries of gradient + residual and returns their average."""
+    grad = bucket.buffer()
+    world = _group_size(state.process_group)
+    numel, itemsize = grad.numel(), grad.element_size()
+    dense = allreduce_bytes(numel, itemsize, world)
+    sizes = [p.numel() for p in bucket.parameters()]
+    k = sum(kept_count(size, state.density()) for size in sizes)
+    idx_dtype = index_dtype(numel)
+    sparse = allgather_bytes(k * (itemsize + idx_dtype.itemsize), world)
+    state.dense_bytes += dense
+    # Early in the warm-up, or on many ranks, gathering values and indices costs more than a plain
+    # all-reduce; then the all-reduce is used, and any residual goes along with it.
+    if sparse < dense:
+        state.bytes_sent += sparse
+        future = _sparse_average(state, bucket, sizes, k, idx_dtype, world)
+    else:
+        state.bytes_sent += dense
+        future = _dense_average(state, bucket, world)
+    if bucket.is_last():  # DDP reduces bucket 0 last: one synchronised step is complete
+        state.step += 1
+    return future
+
+
+def _dense_average(state: TopKState, bucket, world: int) -> torch.futures.Future:
+    grad = bucket.buffer()
+    if state.residuals:
+        accumulated = grad.float() + state.bucket_residual(bucket)
+        grad.copy_(accumulated)
+        state.keep_residual(bucket, accumulated - grad.float())  # zero for fp32, the rounding for 16-bit
+    grad.div_(world)
+    work = dist.all_reduce(grad, group=state.process_group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+def _sparse_average(state: TopKState, bucket, sizes: list[int], k: int, idx_dtype: torch.dtype, world: int):
+    grad = bucket.buffer()
+    indices, values, residual = select_topk_per_parameter(grad, state.bucket_residual(bucket), sizes,
+                                                          state.density())
+    state.keep_residual(bucket, residual)
+    all_values = values.new_empty(world * k)
+    all_indices = torch.empty(world * k, dtype=idx_dtype, device=grad.device)
+    values_work = _all_gather_single(all_values, values, group=state.process_group, async_op=True)
+    indices_work = _all_gather_single(all_indices, indices.to(idx_dtype), group=state.process_group,
+                                      async_op=True)
+
+    def average(_) -> torch.Tensor:
+        indices_work.wait()
+        total = torch.zeros(grad.numel(), dtype=torch.float32, device=grad.device)
+        # One rank at a time: within a rank the indices are unique, so every rank adds in the same
+        # order and all replicas get bit-identical gradients (atomic adds of duplicates would not).
+        for r in range(world):
+            part = slice(r * k, (r + 1) * k)
+            rank_indices = all_indices[part].long()
+            total[rank_indices] += all_values[part].float()
+        return total.div_(world).to(grad.dtype)
+
+    return values_work.get_future().then(average)
+
+
+# ---- PowerSGD ------------------------------------------------------------------------------------
+
+
+class PowerSGDCompression(PowerSGDState):
+    """PyTorch's PowerSGD state with this module's byte counters.
+
+    `dense_steps` plain all-reduce steps come first (PyTorch's `start_powerSGD_iter`; at least 2, as
+    PowerSGD needs DDP's buckets to be final before it keeps per-bucket memory).
+    """
+
+    def __init__(self, process_group=None, matrix_rank: int = 4, dense_steps: int = 100, **powersgd_options):
+        super().__init__(process_group, matrix_approximation_rank=matrix_rank, start_powerSGD_iter=dense_steps,
+                         **powersgd_options)
+        self.bytes_sent = 0
+        self.dense_bytes = 0
+
+
+def powersgd_sent_numel(state: PowerSGDState, bucket) -> int:
+    """Elements PowerSGD all-reduces for this bucket on a compressed step: P (n x r) and Q (m x r) for
+    each gradient it compresses as an n x m matrix, and the whole of the ones it leaves uncompressed
+    (vectors, and matrices too small for low rank to pay), by the same test PowerSGD applies."""
+    sent = 0
+    for tensor in bucket.gradients():
+        n = tensor.shape[0]
+        m = tensor.numel() // n
+        rank = min(n, m, state.matrix_approximation_rank)
+        low_rank = (n + m) * rank
+        sent += low_rank if low_rank * state.min_compression_rate < n * m else n * m
+    return sent
+
+
+def powersgd_hook(state: PowerSGDCompression, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """DDP comm hook: PyTorch's `powerSGD_hook`, counting the bytes it sends."""
+    grad = bucket.buffer()
+    world = _group_size(state.process_group)
+    dense = allreduce_bytes(grad.numel(), grad.element_size(), world)
+    state.dense_bytes += dense
+    if state.iter < state.start_powerSGD_iter:
+        state.bytes_sent += dense
+    else:
+        state.bytes_sent += allreduce_bytes(powersgd_sent_numel(state, bucket), grad.element_size(), world)
+    return powerSGD_hook(state, bucket)
+
+
+# ---- one entry point -----------------------------------------------------------------------------
+
+# method -> (state class, hook)
+METHODS = {
+    "topk": (TopKState, topk_hook),
+    "powersgd": (PowerSGDCompression, powersgd_hook),
+}
+
+
+def register(ddp_model, method: str, process_group=None, **options):
+    """Installs the `method` hook on a DistributedDataParallel model; returns its state, which has
+    `bytes_sent` and `dense_bytes`. Options go to the state: `ratio`, `warmup_steps`, `start_density`,
+    `dense_steps` for topk; `matrix_rank`, `dense_steps` (and PowerSGDState's own) for powersgd."""
+    if method not in METHODS:
+        raise ValueError(f"unknown gradient compression '{method}'; valid methods: {', '.join(METHODS)}")
+    make_state, hook = METHODS[method]
+    state = make_state(process_group=process_group, **options)
+    if hasattr(state, "positions"):
+        state.positions.update({id(p): i for i, p in enumerate(ddp_model.module.parameters())})
+    ddp_model.register_comm_hook(state, hook)
+    return state
+
+
+def check_fsdp_compression(mesh, method: str) -> None:
+    """Raises a ValueError for any compression under FSDP2, saying which configuration to use instead."""
+    if method in (None, "none"):
+        return
+    layout = " x ".join(map(str, mesh.shape))
+    if mesh.mesh_dim_names:
+        layout += f" ({' x '.join(mesh.mesh_dim_names)})"
+    raise ValueError(
+        f"parallel.comm_hook={method} is not supported with FSDP2 (this run's mesh: {layout}). FSDP2 "
+        f"reduce-scatters gradients within each shard group, and this version does not compress "
+        f"reduce-scatters; compression could only apply to the all-reduce across the replicate axis of an "
+        f"HSDP (2D) mesh, which is not implemented either. Use parallel.strategy=ddp with "
+        f"parallel.comm_hook={method}, or keep FSDP2/HSDP with parallel.comm_hook=none.")
