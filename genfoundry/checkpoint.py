@@ -26,12 +26,7 @@ def save(bundle: dict, directory: str | Path, step: int, keep: int = 2) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = checkpoint_path(directory, step)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save({"format_version": FORMAT_VERSION, **bundle}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _atomic_save(bundle, path)
     dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -54,13 +49,18 @@ def save_rank_state(state: dict, directory: str | Path, step: int, rank: int) ->
     Written before the bundle, so a bundle that exists has its rank files; pruned with it."""
     path = rank_state_path(directory, step, rank)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_save(state, path)
+    return path
+
+
+def _atomic_save(state: dict, path: Path) -> None:
+    """Writes under a temporary name, syncs, then renames: a crash never leaves a torn file."""
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     with open(tmp, "wb") as f:
         torch.save({"format_version": FORMAT_VERSION, **state}, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    return path
 
 
 def load_rank_state(directory: str | Path, step: int, rank: int, map_location="cpu") -> dict | None:

@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile each block (as parallel.compile does), the whole model, or nothing "
                         "(default: blocks)")
     b.add_argument("--no-baseline", action="store_true", help="skip the plain eager PyTorch loop")
+    b.add_argument("--profile", action="store_true", help="also print device time per kind of kernel (CUDA)")
     b.add_argument("--steps", type=int, default=30, help="timed steps after warm-up (default: 30)")
     b.add_argument("--out", help="write the results as JSON here")
     b.add_argument("--device", default="auto", help="device (default: auto)")
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
 
             precisions = args.precision or ["bf16"]
             run(args.preset or ["DiT-B/2"], args.batch_size, precisions[0], args.compile, args.steps, args.out,
-                args.device, not args.no_baseline, precisions)
+                args.device, not args.no_baseline, precisions, args.profile)
         elif args.command == "eval":
             api.evaluate(args.run_dir, args.num_samples, args.reference, args.split, args.device)
         return 0
