@@ -117,6 +117,7 @@ class ParallelConfig:
     topk_ratio: float = 0.01        # topk: fraction of gradient entries sent per step
     topk_warmup_steps: int = 100    # topk: steps over which the kept fraction decays to topk_ratio
     powersgd_rank: int = 4          # powersgd: rank of the low-rank gradient approximation
+    powersgd_warmup_steps: int = 100  # powersgd: plain all-reduce steps before compressing (at least 2)
 
     def __post_init__(self):
         if self.strategy not in ("auto", "none", "ddp", "fsdp", "hsdp"):

@@ -191,7 +191,7 @@ def _ddp(model: nn.Module, cfg, device: torch.device) -> nn.Module:
         from genfoundry.distributed import compression
 
         options = ({"ratio": cfg.topk_ratio, "warmup_steps": cfg.topk_warmup_steps} if cfg.comm_hook == "topk"
-                   else {"matrix_rank": cfg.powersgd_rank})
+                   else {"matrix_rank": cfg.powersgd_rank, "dense_steps": max(2, cfg.powersgd_warmup_steps)})
         ddp.comm_state = compression.register(ddp, cfg.comm_hook, **options)
     return ddp
 
