@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     args, rest = parser.parse_known_args(argv)
-    if getattr(args, "nproc", 1) > 1 and "WORLD_SIZE" not in os.environ:
+    if args.command == "train" and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return launch_torchrun(args.nproc, argv)
     from genfoundry import api  # after parsing, so that --help stays fast
 

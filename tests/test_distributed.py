@@ -162,6 +162,7 @@ def test_nproc_and_two_node_rendezvous_train_like_one_process(tmp_path, cli):
     base = ["--config", "demo", f"--run.root={tmp_path}"] + [f"--{k}={v}" for k, v in TINY.items()]
     r = cli("train", "--nproc", "2", *base, "--run.name=nproc")
     assert r.returncode == 0, r.stderr
+    assert "micro-batch 4 x accumulation 1 x 2 rank(s)" in r.stdout, r.stdout
     # Two "nodes" on this machine, one process each, meeting through a c10d rendezvous.
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -169,9 +170,12 @@ def test_nproc_and_two_node_rendezvous_train_like_one_process(tmp_path, cli):
                                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-nodes",
                                "-m", "genfoundry", "train", *base, "--run.name=nodes"], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = []
     for node in nodes:
-        _, err = node.communicate(timeout=180)
+        out, err = node.communicate(timeout=180)
         assert node.returncode == 0, err
+        outputs.append(out)
+    assert sum("x 2 rank(s)" in out for out in outputs) == 1, outputs  # rank 0 speaks, for two ranks
     train(tiny_cfg(tmp_path, "one"), QUIET)
     one = final_weights(tmp_path / "one")
     assert_close_weights(one, final_weights(tmp_path / "nproc"))
