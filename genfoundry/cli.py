@@ -100,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--decode", choices=["auto", "cpu", "gpu"], default="auto",
                    help="where JPEGs are decoded (default: auto, the GPU where torchvision can)")
     b.add_argument("--baseline-python", help="a Python with torchvision for the baseline (default: none)")
+    b.add_argument("--profile", action="store_true", help="print where the main process spends its time")
     b.add_argument("--workdir", help="where the JPEGs and shards go (default: a new temporary directory)")
     b.add_argument("--out", help="write the results as JSON here")
     b.add_argument("--device", default="cpu", help="device for the batch transforms (default: cpu)")
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
 
             run_data(args.workers, args.batch_size, args.images, args.seconds, baseline_python=args.baseline_python,
                      device=args.device, out=args.out, workdir=args.workdir, width=args.size[0],
-                     height=args.size[1], crop=args.crop, decode=args.decode)
+                     height=args.size[1], crop=args.crop, decode=args.decode, profile=args.profile)
         elif args.command == "bench":
             from genfoundry.bench.throughput import run
 

@@ -60,7 +60,7 @@ def test_global_order_is_a_deterministic_permutation_with_shard_locality():
 
 
 def test_uneven_world_size_is_one_clear_error():
-    with pytest.raises(ValueError, match="does not split over 4 ranks"):
+    with pytest.raises(ValueError, match="does not split into 4 ranks x 1 micro-batches"):
         GlobalBatches([10, 10], global_batch_size=6).local_batch_size(4)
 
 

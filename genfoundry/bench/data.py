@@ -114,7 +114,7 @@ def _children(pid: int) -> list[int]:
 
 
 def genfoundry_throughput(shards: str, workers: int, batch: int, seconds: float, warmup: int, device: str,
-                          crop: int = 256, gpu_decode: bool | None = None) -> dict:
+                          crop: int = 256, gpu_decode: bool | None = None, profile: bool = False) -> dict:
     import torch
 
     from genfoundry import accel
@@ -132,15 +132,33 @@ def genfoundry_throughput(shards: str, workers: int, batch: int, seconds: float,
     it = iter(loader)
     for _ in range(warmup):
         next(it)
+    profiler = None
+    if profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         n += next(it).images.shape[0]
     accel.synchronize(dev)
     rate = n / (time.perf_counter() - t0)
+    hot = _hottest(profiler) if profiler else None
     rss.stop.set()
     rss.join()
     return {"images_per_s": rate, "images": n, "decode": loader.mode, "rss_mb_over_time": rss.samples,
-            "peak_rss_mb": max(m for _, m in rss.samples)}
+            "peak_rss_mb": max(m for _, m in rss.samples), "main_process_profile": hot}
+
+
+def _hottest(profiler, count: int = 20) -> list[dict]:
+    """The main process's functions with the most time of their own: where the loader's time goes."""
+    import pstats
+
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats
+    rows = [{"function": f"{Path(file).name}:{line}:{name}", "calls": calls, "own_s": own, "cumulative_s": cum}
+            for (file, line, name), (_, calls, own, cum, _) in stats.items()]
+    return sorted(rows, key=lambda r: -r["own_s"])[:count]
 
 
 def raw_gpu_decode(folder: Path, batch: int, seconds: float, device: str) -> dict | None:
@@ -170,7 +188,7 @@ def raw_gpu_decode(folder: Path, batch: int, seconds: float, device: str) -> dic
 def run(workers: int = 2, batch: int = 64, count: int = 2000, seconds: float = 30.0, warmup: int = 3,
         baseline_python: str | None = None, device: str = "cpu", out: str | None = None,
         workdir: str | None = None, width: int = 500, height: int = 375, crop: int = 256,
-        decode: str = "auto") -> dict:
+        decode: str = "auto", profile: bool = False) -> dict:
     from genfoundry.shards import pack
 
     work = Path(workdir or tempfile.mkdtemp(prefix="genfoundry-bench-data-"))
@@ -181,9 +199,11 @@ def run(workers: int = 2, batch: int = 64, count: int = 2000, seconds: float = 3
     shards = work / "shards"
     pack(str(folder), str(shards), samples_per_shard=500, progress=False)
     gpu = {"auto": None, "gpu": True, "cpu": False}[decode]
-    ours = genfoundry_throughput(str(shards), workers, batch, seconds, warmup, device, crop, gpu)
+    ours = genfoundry_throughput(str(shards), workers, batch, seconds, warmup, device, crop, gpu, profile)
     print(f"genfoundry DataPipeline ({ours['decode']} decode): {ours['images_per_s']:.0f} images/s "
           f"(peak RSS {ours['peak_rss_mb']:.0f} MB)", flush=True)
+    for row in ours["main_process_profile"] or []:
+        print(f"  {row['own_s']:7.3f} s own {row['cumulative_s']:7.3f} s cum {row['calls']:>8} calls  {row['function']}")
     result = {"format_version": 1, "benchmark": "data", "workers": workers, "batch_size": batch,
               "images_on_disk": count, "image_size": [width, height], "jpeg_quality": 90,
               "pipeline": f"RandomResizedCrop({crop}, scale=(0.08, 1)) -> RandomHorizontalFlip -> Normalize",

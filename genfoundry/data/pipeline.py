@@ -116,22 +116,25 @@ class DataPipeline:
 
 
 class _BatchReader(torch.utils.data.Dataset):
-    """Item k = this rank's micro-batch k % accumulation of global batch k // accumulation of one epoch,
-    prepared on the CPU (runs in workers).
+    """Item (epoch, k) = this rank's micro-batch k % accumulation of global batch k // accumulation of
+    that epoch, prepared on the CPU (runs in workers, which compute and keep the epoch's order).
 
     mode "host": decode and batch transforms here (no accelerator: spread over the workers);
     "cpu": decode here, batch transforms on the device; "gpu": JPEGs leave as bytes with their planned
     crop box, to be decoded on the GPU (other formats are still decoded here).
     """
 
-    def __init__(self, pipeline, dataset, batches: GlobalBatches, order, epoch, rank, world_size, mode,
-                 accumulation=1):
+    def __init__(self, pipeline, dataset, batches: GlobalBatches, rank, world_size, mode, accumulation=1):
         self.pipeline, self.dataset, self.batches = pipeline, dataset, batches
-        self.order, self.epoch, self.rank, self.world_size = order, epoch, rank, world_size
+        self.rank, self.world_size = rank, world_size
         self.mode, self.accumulation = mode, accumulation
+        self.epoch, self.order = None, None
 
-    def __len__(self):
-        return self.batches.batches_per_epoch * self.accumulation
+    def _order_of(self, epoch: int) -> np.ndarray:
+        if epoch != self.epoch:
+            b = self.batches
+            self.epoch, self.order = epoch, global_order(b.shard_sizes, b.seed, epoch, b.window)
+        return self.order
 
     def _payload(self, data: bytes, rng):
         if self.mode == "gpu" and data[:2] == JPEG_MAGIC:
@@ -142,12 +145,14 @@ class _BatchReader(torch.utils.data.Dataset):
         image, params = self.pipeline.prepare(data, rng)
         return ("image", image, None), params
 
-    def __getitem__(self, k):
+    def __getitem__(self, position):
+        epoch, k = position
         batch, micro = divmod(k, self.accumulation)
-        indices = self.batches.batch(self.order, batch, self.rank, self.world_size, micro, self.accumulation)
+        indices = self.batches.batch(self._order_of(epoch), batch, self.rank, self.world_size, micro,
+                                     self.accumulation)
         payloads, params, labels, keys, failures = [], [], [], [], {}
         for slot, index in enumerate(indices):
-            rng = sample_seed(self.batches.seed, self.epoch, int(index))
+            rng = sample_seed(self.batches.seed, epoch, int(index))
             keys.append(str(index))
             labels.append(-1)
             payloads.append(None)
@@ -239,22 +244,32 @@ class ShardLoader:
         self._iterator = None
 
     def __iter__(self):
+        """Batches from the current position on, across epochs, through one pool of workers."""
+        reader = _BatchReader(self.pipeline, self.dataset, self.batches, self.rank, self.world_size, self.mode,
+                              self.accumulation)
+        loader = torch.utils.data.DataLoader(
+            reader, batch_size=None, sampler=self._positions(), num_workers=self.num_workers,
+            prefetch_factor=self.prefetch if self.num_workers else None, collate_fn=_collate,
+            # nvJPEG reads the bytes from pageable memory itself: only decoded images are worth pinning.
+            pin_memory=self.mode == "cpu", persistent_workers=False)
+        for item in loader:
+            batch = self._finish(*item)
+            self.micro += 1
+            if self.micro == self.accumulation:
+                self.batch, self.micro = self.batch + 1, 0
+                if self.batch == self.batches.batches_per_epoch:
+                    self.epoch, self.batch = self.epoch + 1, 0
+            yield batch
+
+    def _positions(self):
+        """(epoch, item) from the current position, forever: the loader's sampler."""
+        epoch, item = self.epoch, self.batch * self.accumulation + self.micro
+        per_epoch = self.batches.batches_per_epoch * self.accumulation
         while True:
-            order = global_order(self.batches.shard_sizes, self.batches.seed, self.epoch, self.batches.window)
-            reader = _BatchReader(self.pipeline, self.dataset, self.batches, order, self.epoch, self.rank,
-                                  self.world_size, self.mode, self.accumulation)
-            start = self.batch * self.accumulation + self.micro
-            loader = torch.utils.data.DataLoader(
-                reader, batch_size=None, sampler=range(start, len(reader)), num_workers=self.num_workers,
-                prefetch_factor=self.prefetch if self.num_workers else None, collate_fn=_collate,
-                pin_memory=self.device.type != "cpu", persistent_workers=False)
-            for item in loader:
-                batch = self._finish(*item)
-                self.micro += 1
-                if self.micro == self.accumulation:
-                    self.batch, self.micro = self.batch + 1, 0
-                yield batch
-            self.epoch, self.batch, self.micro = self.epoch + 1, 0, 0
+            yield epoch, item
+            item += 1
+            if item == per_epoch:
+                epoch, item = epoch + 1, 0
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(images, labels) of the next batch: the interface the trainer uses."""
