@@ -105,7 +105,11 @@ class Trainer:
             for p in self.model.parameters():
                 p.grad = None
 
+        # The optimizer's two moments do not exist yet: hold their memory while searching.
+        local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in self.model.parameters())
+        reserve = torch.empty(2 * local, dtype=torch.float32, device=self.device)
         micro = parallel.find_micro_batch(try_micro, candidates, self.device, self.print)
+        del reserve
         self.print(f"micro-batch {micro}: the largest of {candidates[:6]}... that fits")
         return micro
 
