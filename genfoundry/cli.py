@@ -115,6 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="repeatable (default: all three)")
     b.add_argument("--workdir", help="where the runs go (default: a new temporary directory)")
     b.add_argument("--out", help="write the results as JSON here")
+    b = bench.add_parser("comm", help="all-reduce timings (flat, NCCL ring/tree, 2D torus), the fitted alpha-beta "
+                                      "model, its choices and a simulation for 8 to 4,096 ranks",
+                         description="Starts N ranks through torchrun and runs genfoundry.bench.comm on them "
+                                     "(`torchrun --nproc-per-node=N -m genfoundry.bench.comm --help` for all "
+                                     "options).")
+    b.add_argument("--nproc", type=int, default=4, help="ranks (default: 4)")
+    b.add_argument("--sizes", type=int, nargs="+", help="message sizes in bytes (default: 4 KiB ... 256 MiB)")
+    b.add_argument("--iters", type=int, default=20, help="timed calls per algorithm and size (default: 20)")
+    b.add_argument("--out", help="write the results as JSON here")
     return parser
 
 
@@ -154,6 +163,12 @@ def main(argv: list[str] | None = None) -> int:
             config_lib.parse_overrides(rest)  # one clear error for a malformed override
             run_compression(args.nproc, args.config, rest, args.out, args.method or METHODS, args.workdir)
             return 0
+        if args.command == "bench" and args.bench == "comm":
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                       f"--nproc-per-node={args.nproc}", "-m", "genfoundry.bench.comm", "--iters", str(args.iters),
+                       *(["--sizes", *map(str, args.sizes)] if args.sizes else []),
+                       *(["--out", args.out] if args.out else []), *rest]
+            os.execv(sys.executable, command)
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         if args.command == "sample":
@@ -188,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as e:
         from genfoundry.distributed.parallel import is_peer_failure
 
-        if not is_peer_failure(e):
+        if args.command != "train" or not is_peer_failure(e):
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"genfoundry {args.command}: error: lost contact with another rank ({type(e).__name__}: {first}); "

@@ -46,3 +46,20 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 120.0) -> None:
                 if p.is_alive():
                     p.kill()
             raise TimeoutError(f"{world_size} ranks did not finish within {timeout:.0f} s")
+
+
+def worst_gradient_gap(plain, hooked, rank: int, steps: int) -> float:
+    """Largest gradient difference between two DDP models of the same network over `steps` backward
+    passes on this rank's random inputs of 8 features (a communication hook against DDP's own)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(rank)
+    worst = 0.0
+    for _ in range(steps):
+        x = torch.randn(16, 8, generator=gen)
+        for model in (plain, hooked):
+            model.zero_grad()
+            model(x).square().mean().backward()
+        for a, b in zip(plain.parameters(), hooked.parameters()):
+            worst = max(worst, (a.grad - b.grad).abs().max().item())
+    return worst

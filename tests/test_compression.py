@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from genfoundry.distributed import compression
-from multiproc import run_ranks
+from multiproc import run_ranks, worst_gradient_gap
 
 WORLD = 2
 
@@ -98,16 +98,7 @@ def same_as_plain_ddp(rank):
     plain = DDP(mlp(), bucket_cap_mb=0.002, gradient_as_bucket_view=True)
     hooked = DDP(mlp(), bucket_cap_mb=0.002, gradient_as_bucket_view=True)
     compression.register(hooked, "topk", ratio=1.0, warmup_steps=0)
-    gen = torch.Generator().manual_seed(rank)
-    worst = 0.0
-    for _ in range(3):
-        x = torch.randn(16, 8, generator=gen)
-        for model in (plain, hooked):
-            model.zero_grad()
-            model(x).square().mean().backward()
-        for a, b in zip(plain.parameters(), hooked.parameters()):
-            worst = max(worst, (a.grad - b.grad).abs().max().item())
-    return worst
+    return worst_gradient_gap(plain, hooked, rank, steps=3)
 
 
 def gradient(step, rank, n):

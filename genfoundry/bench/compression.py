@@ -20,12 +20,22 @@ METHODS = ("none", "topk", "powersgd")
 
 
 def train_run(method: str, nproc: int, recipe: str, overrides: list[str], root: Path) -> dict:
+    """Trains one method's run, or reads it if a finished run of it is already in `root`."""
+    if not (root / method / "final" / "model.json").is_file():
+        _train(method, nproc, recipe, overrides, root)
+    return _summary(method, root)
+
+
+def _train(method: str, nproc: int, recipe: str, overrides: list[str], root: Path) -> None:
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
             "-m", "genfoundry", "train", "--config", recipe, f"--run.root={root}", f"--run.name={method}",
             f"--parallel.comm_hook={method}", "--train.sample_every=0", "--train.checkpoint_every=0", *overrides]
     result = subprocess.run(args, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"the {method} run failed:\n{result.stderr[-3000:]}")
+
+
+def _summary(method: str, root: Path) -> dict:
     rows = metrics.read_jsonl(root / method / "metrics.jsonl")
     timed = [r for r in rows if r.get("images_per_s")]
     last = rows[-1]

@@ -244,7 +244,13 @@ def powersgd_hook(state: PowerSGDCompression, bucket: dist.GradBucket) -> torch.
         state.bytes_sent += dense
     else:
         state.bytes_sent += allreduce_bytes(powersgd_sent_numel(state, bucket), grad.element_size(), world)
-    return powerSGD_hook(state, bucket)
+    future = powerSGD_hook(state, bucket)
+    if dist.get_backend(state.process_group) == "gloo":
+        # PowerSGD starts its second all-reduce (Q) from the first one's callback. gloo matches
+        # collectives by the order they are issued, and callbacks of different buckets may run in a
+        # different order on each rank; finishing each bucket before the next keeps the order.
+        future.wait()
+    return future
 
 
 # ---- one entry point -----------------------------------------------------------------------------

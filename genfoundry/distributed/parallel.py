@@ -184,9 +184,7 @@ def _ddp(model: nn.Module, cfg, device: torch.device) -> nn.Module:
     if cfg.comm_hook == "torus":
         from genfoundry.distributed import torus
 
-        rows = cfg.torus_rows or None
-        cols = dist.get_world_size() // rows if rows else None
-        ddp.comm_state = torus.register(ddp, rows, cols)
+        ddp.comm_state = torus.register(ddp, cfg.torus_rows or None)
     elif cfg.comm_hook in ("topk", "powersgd"):
         from genfoundry.distributed import compression
 
