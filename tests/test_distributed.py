@@ -44,13 +44,15 @@ def assert_close_weights(a: dict, b: dict, atol=2e-5) -> None:
 
 @pytest.mark.timeout(240)
 def test_ranks_and_micro_batches_are_equivalent_to_one_big_batch(tmp_path):
-    """One rank with a batch of 8 = one rank with 4 micro-batches of 2 = 2 ranks of 4 = 2 ranks x 2 x 2."""
+    """One rank with a batch of 8 = one rank with 4 micro-batches of 2 = 2 ranks of 4 = 2 ranks x 2 x 2
+    = 2 ranks whose gradients go through the torus all-reduce hook."""
     train(tiny_cfg(tmp_path, "one"), QUIET)
     train(tiny_cfg(tmp_path, "accum", **{"train.micro_batch_size": 2}), QUIET)
     run_ranks(_train_rank, 2, tmp_path, "ddp", {}, timeout=180)
     run_ranks(_train_rank, 2, tmp_path, "ddp-accum", {"train.micro_batch_size": 2}, timeout=180)
+    run_ranks(_train_rank, 2, tmp_path, "torus", {"parallel.comm_hook": "torus"}, timeout=180)
     one = final_weights(tmp_path / "one")
-    for other in ("accum", "ddp", "ddp-accum"):
+    for other in ("accum", "ddp", "ddp-accum", "torus"):
         assert_close_weights(one, final_weights(tmp_path / other))
     # ... and they trained: the weights moved from their initial values.
     fresh = tiny_cfg(tmp_path, "fresh")
