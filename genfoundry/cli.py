@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train or resume a run (running the same command again resumes)",
                        description="Trains the run the config describes; a run directory that already holds "
-                                   "checkpoints is resumed exactly, on any number of ranks. Under torchrun "
+                                   "checkpoints is resumed exactly (on another number of ranks, to "
+                                   "floating-point tolerance). Under torchrun "
                                    "(torchrun --nproc-per-node=N -m genfoundry train ...) every rank trains its "
                                    "share of each global batch.", epilog=OVERRIDE_HELP)
     _config_args(p, "mnist")
