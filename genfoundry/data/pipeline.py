@@ -81,8 +81,6 @@ class DataPipeline:
             shift = [-m / s for m, s in zip(norm.mean, norm.std)]
         x = x.permute(0, 3, 1, 2).contiguous()  # NCHW uint8: a cheap transpose of the small tensor
         out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-        if torch.utils.data.get_worker_info() is not None:
-            out.share_memory_()  # written in place, so handing it to the main process copies nothing
         for c in range(channels):  # shift + scale * x per channel: conversion, scale and shift in one pass
             torch.add(torch.tensor(shift[c]), x[:, c], alpha=scale[c], out=out[:, c])
         x = out
@@ -108,7 +106,7 @@ class DataPipeline:
         device = torch.device(device)
         if gpu_decode and not gpu.available(device):
             raise ValueError(f"GPU decoding needs a CUDA device and torchvision with CUDA; device is '{device}'")
-        mode = "host" if device.type == "cpu" else ("gpu" if gpu_decode is not False and gpu.available(device) else "cpu")
+        mode = "gpu" if device.type != "cpu" and gpu_decode is not False and gpu.available(device) else "cpu"
         return ShardLoader(self, dataset, global_batch_size, device, seed, num_workers,
                            accel.rank() if rank is None else rank,
                            accel.world_size() if world_size is None else world_size, prefetch, window, mode,
@@ -119,9 +117,9 @@ class _BatchReader(torch.utils.data.Dataset):
     """Item (epoch, k) = this rank's micro-batch k % accumulation of global batch k // accumulation of
     that epoch, prepared on the CPU (runs in workers, which compute and keep the epoch's order).
 
-    mode "host": decode and batch transforms here (no accelerator: spread over the workers);
-    "cpu": decode here, batch transforms on the device; "gpu": JPEGs leave as bytes with their planned
-    crop box, to be decoded on the GPU (other formats are still decoded here).
+    mode "cpu": decode here, batch transforms on the device (the main process's CPU when there is no
+    accelerator); "gpu": JPEGs leave as bytes with their planned crop box, to be decoded on the GPU
+    (other formats are still decoded here).
     """
 
     def __init__(self, pipeline, dataset, batches: GlobalBatches, rank, world_size, mode, accumulation=1):
@@ -183,8 +181,6 @@ class _BatchReader(torch.utils.data.Dataset):
                 raise ValueError(f"samples of one batch have different sizes {sorted(sizes)}; end the size "
                                  f"transforms with a fixed-size crop or Resize((height, width))")
             x = torch.from_numpy(np.stack(images))
-            if self.mode == "host":
-                x = self.pipeline.apply_batch(x, p)
         return indices, x, p, y, keys, failures
 
 
@@ -209,7 +205,7 @@ class ShardLoader:
     """
 
     def __init__(self, pipeline: DataPipeline, dataset, global_batch_size: int, device: torch.device, seed: int,
-                 num_workers: int, rank: int, world_size: int, prefetch: int, window: int, mode: str = "host",
+                 num_workers: int, rank: int, world_size: int, prefetch: int, window: int, mode: str = "cpu",
                  accumulation: int = 1):
         if isinstance(dataset, str):
             from genfoundry.shards import ShardDataset
@@ -251,7 +247,7 @@ class ShardLoader:
             reader, batch_size=None, sampler=self._positions(), num_workers=self.num_workers,
             prefetch_factor=self.prefetch if self.num_workers else None, collate_fn=_collate,
             # nvJPEG reads the bytes from pageable memory itself: only decoded images are worth pinning.
-            pin_memory=self.mode == "cpu", persistent_workers=False)
+            pin_memory=self.mode == "cpu" and self.device.type != "cpu", persistent_workers=False)
         for item in loader:
             batch = self._finish(*item)
             self.micro += 1
@@ -290,8 +286,6 @@ class ShardLoader:
         for slot, reason in failures.items():
             self.corrupt[keys[slot]] += 1
             self.corrupt_reasons[keys[slot]] = reason
-        if self.mode == "host":
-            return Batch(images, labels, keys, np.asarray(indices))
         x, p, y = (t.to(self.device, non_blocking=True) for t in (images, params, labels))
         return Batch(self.pipeline.apply_batch(x, p), y, keys, np.asarray(indices))
 
