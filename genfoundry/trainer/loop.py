@@ -196,13 +196,14 @@ class Trainer:
     def prepare_run_dir(self) -> None:
         """Creates the run directory, or checks that it belongs to this config and resumes from it."""
         saved = self.run_dir / "config.toml"
+        if saved.exists():  # every rank checks, so that all stop with the same error and none waits
+            previous = config_lib.load(str(saved))
+            changed = config_lib.identity_diff(previous, self.cfg)
+            if changed:
+                raise ConfigError(f"run directory '{self.run_dir}' holds a run with different "
+                                  f"{', '.join(changed)}; choose another --run.name to start a new run")
+        self.barrier()  # nobody reads config.toml after rank 0 starts rewriting it
         if self.rank == 0:
-            if saved.exists():
-                previous = config_lib.load(str(saved))
-                changed = config_lib.identity_diff(previous, self.cfg)
-                if changed:
-                    raise ConfigError(f"run directory '{self.run_dir}' holds a run with different "
-                                      f"{', '.join(changed)}; choose another --run.name to start a new run")
             (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
             saved.write_text(config_lib.dumps(self.cfg))
         self.barrier()
