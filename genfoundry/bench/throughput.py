@@ -177,13 +177,16 @@ def run(presets: list[str], batch_size: int, precision: str, compile: str, steps
 
     dev = accel.get_device(device)
     parallel.init_process_group(dev, 600)
-    ceiling = matmul_ceiling(dev, precision)
     say = print if _rank() == 0 else (lambda *a, **k: None)
-    say(f"matrix-product ceiling ({precision}, {accel.device_name(dev)}): {ceiling / 1e12:.1f} TFLOP/s; "
-        f"{_world()} rank(s)")
+    ceilings = {}
+    for prec in precisions or [precision]:
+        ceilings[prec] = matmul_ceiling(dev, prec)
+        say(f"matrix-product ceiling ({prec}, {accel.device_name(dev)}): {ceilings[prec] / 1e12:.1f} TFLOP/s; "
+            f"{_world()} rank(s)")
     results = []
     for preset in presets:
         for prec in precisions or [precision]:
+            ceiling = ceilings[prec]
             for impl in ("genfoundry", "baseline") if baseline else ("genfoundry",):
                 r = train_throughput(preset, batch_size=batch_size, precision=prec, compile=compile, steps=steps,
                                      device=device, impl=impl, profile=profile and impl == "genfoundry")
@@ -199,7 +202,8 @@ def run(presets: list[str], batch_size: int, precision: str, compile: str, steps
                                                                        key=lambda kv: -kv[1]))
                     say(f"  device ms per step by kernel kind: {kinds}")
                 results.append(r)
-                torch.cuda.empty_cache() if dev.type == "cuda" else None
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
             if baseline:
                 ours, base = results[-2], results[-1]
                 say(f"{preset} {prec}: genfoundry / baseline = {ours['images_per_s'] / base['images_per_s']:.2f}x")
