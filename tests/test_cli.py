@@ -50,3 +50,16 @@ def test_train_sample_eval_end_to_end_from_any_directory(cli, tmp_path):
 def test_missing_run_dir_is_one_clear_error(cli, tmp_path):
     r = cli("sample", tmp_path / "nope")
     assert r.returncode == 2 and "is not a run directory" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bench_train_measures_ours_and_the_baseline(cli, tmp_path):
+    out = tmp_path / "train.json"
+    r = cli("bench", "train", "--preset", "DiT-T/4", "--batch-size", "4", "--steps", "1", "--compile", "none",
+            "--device", "cpu", "--out", out)
+    assert r.returncode == 0, r.stderr
+    import json
+
+    results = json.loads(out.read_text())["results"]
+    assert [x["impl"] for x in results] == ["genfoundry", "baseline"]
+    assert all(x["images_per_s"] > 0 and x["gflops_per_forward"] > 0 for x in results)
+    assert "genfoundry / baseline" in r.stdout
