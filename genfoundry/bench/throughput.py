@@ -93,7 +93,7 @@ def build_step(impl: str, preset: str, image_size: int, channels: int, num_class
         with accel.autocast(dev, precision):
             loss = objective.loss(net, x, y, t, eps, drop)
         (loss * scaler.scale if scaler else loss).backward()
-        if scaler is None or scaler.unscale_and_check(list(model.parameters())):
+        if scaler is None or scaler.unscale_and_check([p.grad for p in model.parameters() if p.grad is not None]):
             opt.step()
         opt.zero_grad(set_to_none=True)
 

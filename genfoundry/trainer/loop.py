@@ -106,7 +106,7 @@ class Trainer:
                 p.grad = None
 
         # The optimizer's two moments do not exist yet: hold their memory while searching.
-        local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in self.model.parameters())
+        local = sum(_local(p).numel() for p in self.model.parameters())
         reserve = torch.empty(2 * local, dtype=torch.float32, device=self.device)
         micro = parallel.find_micro_batch(try_micro, candidates, self.device, self.print)
         del reserve
@@ -304,9 +304,8 @@ class Trainer:
 
     def unscale_and_check(self, params) -> bool:
         """fp16: unscales the gradients; True if all are finite on every rank (shards differ under FSDP2)."""
-        shadows = [_Grad(p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad) for p in params
-                   if p.grad is not None]
-        finite = self.scaler.unscale_and_check(shadows) if shadows else True
+        grads = [_local(p.grad) for p in params if p.grad is not None]
+        finite = self.scaler.unscale_and_check(grads) if grads else True
         if self.distributed:
             flag = torch.tensor([1.0 if finite else 0.0], device=self.device if self.device.type != "cpu" else "cpu")
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
@@ -441,11 +440,9 @@ class Trainer:
 
 
 
-class _Grad:
-    """Presents a (local) gradient tensor as a parameter-like object to the loss scaler."""
-
-    def __init__(self, grad: torch.Tensor):
-        self.grad = grad
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor: the local shard of an FSDP2 DTensor, else the tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def _local_part(shard, full: torch.Tensor) -> torch.Tensor:

@@ -15,15 +15,14 @@ class DynamicLossScaler:
         self.min_scale = min_scale
         self.clean_steps = 0
 
-    def unscale_and_check(self, params) -> bool:
-        """Divides gradients by the scale in place; True if every gradient is finite.
+    def unscale_and_check(self, grads: list[torch.Tensor]) -> bool:
+        """Divides the gradients by the scale in place; True if every one is finite.
 
         One fused pass per device and dtype (torch's own AMP kernel), and one host sync for the answer.
         """
         groups: dict[tuple, list[torch.Tensor]] = {}
-        for p in params:
-            if p.grad is not None:
-                groups.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+        for g in grads:
+            groups.setdefault((g.device, g.dtype), []).append(g)
         found = []
         for (device, _), grads in groups.items():
             flag = torch.zeros(1, device=device)
