@@ -252,11 +252,11 @@ class Trainer:
             checkpoint.save(state, self.run_dir / "checkpoints", self.step, self.cfg.train.keep_checkpoints)
         self.barrier()
 
-    def noise_keys(self, micro: int) -> list[int]:
+    def noise_keys(self, micro: int) -> torch.Tensor:
         """Seeds of the samples of one micro-batch: (run seed, step, position in the global batch)."""
         first = chunk_index(self.rank, self.world, micro) * self.micro_batch
-        base = (self.cfg.run.seed * 1_000_003 + self.step) * 1_000_003
-        return [(base + first + i) % 2**63 for i in range(self.micro_batch)]
+        base = ((self.cfg.run.seed * 1_000_003 + self.step) * 1_000_003 + first) % 2**62
+        return torch.arange(base, base + self.micro_batch, dtype=torch.int64, device=self.device)
 
     def train_step(self) -> None:
         """One optimizer step over the global batch: `accumulation` micro-batches on each rank, with the
