@@ -98,8 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--size", type=int, nargs=2, default=[500, 375], metavar=("W", "H"),
                    help="JPEG size (default: 500 375)")
     b.add_argument("--crop", type=int, default=256, help="RandomResizedCrop output side (default: 256)")
-    b.add_argument("--decode", choices=["auto", "cpu", "gpu"], default="auto",
-                   help="where JPEGs are decoded (default: auto, the GPU where torchvision can)")
+    b.add_argument("--decode", choices=["auto", "cpu", "gpu", "gpu-main"], default="auto",
+                   help="where JPEGs are decoded: cpu (simplejpeg in the workers), gpu (nvJPEG in the "
+                        "workers, each a process with its own decoder), gpu-main (nvJPEG in the main process, "
+                        "one batch at a time); default auto, gpu where torchvision can")
     b.add_argument("--baseline-python", help="a Python with torchvision for the baseline (default: none)")
     b.add_argument("--profile", action="store_true", help="print where the main process spends its time")
     b.add_argument("--workdir", help="where the JPEGs and shards go (default: a new temporary directory)")

@@ -114,7 +114,8 @@ def _children(pid: int) -> list[int]:
 
 
 def genfoundry_throughput(shards: str, workers: int, batch: int, seconds: float, warmup: int, device: str,
-                          crop: int = 256, gpu_decode: bool | None = None, profile: bool = False) -> dict:
+                          crop: int = 256, gpu_decode: bool | None = None, profile: bool = False,
+                          decode_in_workers: bool = True) -> dict:
     import torch
 
     from genfoundry import accel
@@ -126,7 +127,7 @@ def genfoundry_throughput(shards: str, workers: int, batch: int, seconds: float,
         pipeline.add_transform(t)
     dev = accel.get_device(device)
     loader = pipeline.loader(shards, batch, device=dev, seed=0, num_workers=workers, rank=0, world_size=1,
-                             gpu_decode=gpu_decode)
+                             gpu_decode=gpu_decode, decode_in_workers=decode_in_workers)
     rss = _RssSampler()
     rss.start()
     it = iter(loader)
@@ -146,8 +147,14 @@ def genfoundry_throughput(shards: str, workers: int, batch: int, seconds: float,
     hot = _hottest(profiler) if profiler else None
     rss.stop.set()
     rss.join()
-    return {"images_per_s": rate, "images": n, "decode": loader.mode, "rss_mb_over_time": rss.samples,
-            "peak_rss_mb": max(m for _, m in rss.samples), "main_process_profile": hot}
+    used = None
+    if dev.type == "cuda":  # the whole device's, worker processes' contexts and caches included
+        free, total = torch.cuda.mem_get_info(dev)
+        used = (total - free) / 2**30
+    where = "workers" if loader.worker_decode else "main process"
+    return {"images_per_s": rate, "images": n, "decode": loader.mode + ("" if loader.mode == "cpu" else f" ({where})"),
+            "rss_mb_over_time": rss.samples, "peak_rss_mb": max(m for _, m in rss.samples),
+            "device_memory_used_gb": used, "main_process_profile": hot}
 
 
 def _hottest(profiler, count: int = 20) -> list[dict]:
@@ -198,10 +205,13 @@ def run(workers: int = 2, batch: int = 64, count: int = 2000, seconds: float = 3
         make_jpegs(folder, count, width, height)
     shards = work / "shards"
     pack(str(folder), str(shards), samples_per_shard=500, progress=False)
-    gpu = {"auto": None, "gpu": True, "cpu": False}[decode]
-    ours = genfoundry_throughput(str(shards), workers, batch, seconds, warmup, device, crop, gpu, profile)
+    gpu = {"auto": None, "gpu": True, "gpu-main": True, "cpu": False}[decode]
+    ours = genfoundry_throughput(str(shards), workers, batch, seconds, warmup, device, crop, gpu, profile,
+                                 decode_in_workers=decode != "gpu-main")
     print(f"genfoundry DataPipeline ({ours['decode']} decode): {ours['images_per_s']:.0f} images/s "
-          f"(peak RSS {ours['peak_rss_mb']:.0f} MB)", flush=True)
+          f"(peak RSS {ours['peak_rss_mb']:.0f} MB"
+          + (f", accelerator memory in use {ours['device_memory_used_gb']:.1f} GB)" if ours.get("device_memory_used_gb")
+             else ")"), flush=True)
     for row in ours["main_process_profile"] or []:
         print(f"  {row['own_s']:7.3f} s own {row['cumulative_s']:7.3f} s cum {row['calls']:>8} calls  {row['function']}")
     result = {"format_version": 1, "benchmark": "data", "workers": workers, "batch_size": batch,

@@ -1,7 +1,11 @@
 """JPEG decoding on the GPU (nvJPEG through torchvision), with the fused crop and resize done there too.
 
-Workers only read bytes and plan each sample's crop box from the JPEG header; the main process decodes
-the whole batch in one call and resamples each box with antialiased bilinear interpolation.
+Each batch's bytes and planned crop boxes are decoded in one batched call and every box is resampled
+with antialiased bilinear interpolation. torchvision keeps one nvJPEG decoder per process behind a
+lock, and its batched decode spends as much host time as it takes (the Huffman stage runs on the
+host), so several decodes in flight need several processes: with worker processes the loader decodes
+in the workers (spawned, each with its own CUDA context) and hands the decoded batches to the training
+process through CUDA IPC.
 """
 
 from __future__ import annotations
@@ -21,6 +25,30 @@ def available(device: torch.device) -> bool:
     except Exception:  # absent, or a build that does not import beside this torch
         return False
     return True
+
+
+def decode_packed(packed, n: int, channels: int, device: torch.device):
+    """A batch as the shard reader packs it for GPU decoding -> (uint8 [n, h, w, C] on `device`,
+    {slot: reason} for JPEGs that only nvJPEG found broken; their rows are left zero)."""
+    blob, lengths, jpeg_slots, plans, others = packed
+    sizes = {tuple(pl[1]) for pl in plans} | {(im.shape[1], im.shape[0]) for im in others.values()}
+    if len(sizes) > 1:
+        raise ValueError(f"samples of one batch have different sizes {sorted(sizes)}; end the size "
+                         f"transforms with a fixed-size crop or Resize((height, width))")
+    w, h = sizes.pop()
+    out = torch.empty((n, h, w, channels), dtype=torch.uint8, device=device)
+    late = {}
+    if jpeg_slots:
+        starts = [0]
+        for length in lengths:
+            starts.append(starts[-1] + length)
+        datas = [blob[starts[i]:starts[i + 1]] for i in range(len(lengths))]
+        decoded, failed = decode_batch(datas, plans, channels, device)
+        out[jpeg_slots] = decoded
+        late = {jpeg_slots[i]: reason for i, reason in failed.items()}
+    for slot, image in others.items():
+        out[slot] = image.to(device, non_blocking=True)
+    return out, late
 
 
 def _integer_box(box, width: int, height: int) -> tuple[int, int, int, int]:

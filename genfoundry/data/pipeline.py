@@ -6,8 +6,10 @@ batch transforms' parameters. Per batch, on the device: uint8 -> float, the batc
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -88,6 +90,14 @@ class DataPipeline:
             x = t.apply(x, params[:, cols])
         return x
 
+    def for_workers(self) -> DataPipeline:
+        """A copy to send to spawned worker processes, which only plan sizes and draw parameters:
+        callables (which need not pickle) are left behind, as they draw no parameters."""
+        copy = DataPipeline(self.channels)
+        copy.size_transforms = list(self.size_transforms)
+        copy.batch_transforms = [t for t in self.batch_transforms if not isinstance(t, Lambda)]
+        return copy
+
     def _param_columns(self) -> list[slice]:
         cols, start = [], 0
         for t in self.batch_transforms:
@@ -97,9 +107,15 @@ class DataPipeline:
 
     def loader(self, dataset, global_batch_size: int, device="cpu", seed: int = 0, num_workers: int = 0,
                rank: int | None = None, world_size: int | None = None, prefetch: int = 2,
-               window: int = 4096, gpu_decode: bool | None = None, accumulation: int = 1) -> ShardLoader:
+               window: int = 4096, gpu_decode: bool | None = None, accumulation: int = 1,
+               decode_in_workers: bool = True) -> ShardLoader:
         """Binds the pipeline to a shard set. Each batch is one rank's micro-batch of a global batch
-        (`accumulation` of them per global batch). `gpu_decode` None uses nvJPEG where torchvision can."""
+        (`accumulation` of them per global batch).
+
+        `gpu_decode` None uses nvJPEG where torchvision can. With GPU decoding and `num_workers` > 0,
+        `decode_in_workers` decodes in the (spawned) worker processes, several batches at once, and
+        passes the decoded batches through CUDA IPC; False decodes in this process, one batch at a time.
+        """
         from genfoundry import accel
         from genfoundry.data import gpu_decode as gpu
 
@@ -107,10 +123,12 @@ class DataPipeline:
         if gpu_decode and not gpu.available(device):
             raise ValueError(f"GPU decoding needs a CUDA device and torchvision with CUDA; device is '{device}'")
         mode = "gpu" if device.type != "cpu" and gpu_decode is not False and gpu.available(device) else "cpu"
+        if mode == "gpu" and device.index is None:  # workers must decode on this process's device
+            device = torch.device(device.type, torch.cuda.current_device())
         return ShardLoader(self, dataset, global_batch_size, device, seed, num_workers,
                            accel.rank() if rank is None else rank,
                            accel.world_size() if world_size is None else world_size, prefetch, window, mode,
-                           accumulation)
+                           accumulation, decode_in_workers)
 
 
 class _BatchReader(torch.utils.data.Dataset):
@@ -119,13 +137,16 @@ class _BatchReader(torch.utils.data.Dataset):
 
     mode "cpu": decode here, batch transforms on the device (the main process's CPU when there is no
     accelerator); "gpu": JPEGs leave as bytes with their planned crop box, to be decoded on the GPU
-    (other formats are still decoded here).
+    (other formats are still decoded here), by this reader when it has a `decode_device`, else by the
+    loader.
     """
 
-    def __init__(self, pipeline, dataset, batches: GlobalBatches, rank, world_size, mode, accumulation=1):
+    def __init__(self, pipeline, dataset, batches: GlobalBatches, rank, world_size, mode, accumulation=1,
+                 decode_device: torch.device | None = None):
         self.pipeline, self.dataset, self.batches = pipeline, dataset, batches
         self.rank, self.world_size = rank, world_size
         self.mode, self.accumulation = mode, accumulation
+        self.decode_device = decode_device
         self.epoch, self.order = None, None
 
     def _order_of(self, epoch: int) -> np.ndarray:
@@ -164,8 +185,9 @@ class _BatchReader(torch.utils.data.Dataset):
                 failures[slot] = f"{type(e).__name__}: {e}"
         if failures:
             _substitute([payloads, params, labels], failures, keys)
-        p = torch.tensor(params, dtype=torch.float32).reshape(len(indices), -1)
-        y = torch.tensor(labels, dtype=torch.int64)
+        # Small columns as arrays, pickled inline: a tensor would cost a shared-memory segment apiece.
+        p = np.asarray(params, dtype=np.float32).reshape(len(indices), -1)
+        y = np.asarray(labels, dtype=np.int64)
         if self.mode == "gpu":
             # One byte tensor for all JPEGs (one shared-memory transfer), images for the rest.
             jpegs = [i for i, pl in enumerate(payloads) if pl[0] == "jpeg"]
@@ -174,6 +196,9 @@ class _BatchReader(torch.utils.data.Dataset):
             lengths = [len(payloads[i][1]) for i in jpegs]
             others = {i: torch.from_numpy(pl[1]) for i, pl in enumerate(payloads) if pl[0] == "image"}
             x = (blob, lengths, jpegs, [payloads[i][2] for i in jpegs], others)
+            if self.decode_device is not None:
+                x, failures = _decode_and_substitute(x, p, y, keys, failures, self.pipeline.channels,
+                                                     self.decode_device)
         else:
             images = [pl[1] for pl in payloads]
             sizes = {im.shape for im in images}
@@ -184,8 +209,24 @@ class _BatchReader(torch.utils.data.Dataset):
         return indices, x, p, y, keys, failures
 
 
+def _decode_and_substitute(packed, params, labels, keys, failures, channels, device):
+    """GPU-decodes a packed batch; a JPEG that only nvJPEG finds broken is substituted like the rest."""
+    from genfoundry.data import gpu_decode
+
+    images, late = gpu_decode.decode_packed(packed, len(keys), channels, device)
+    if late:
+        _substitute([images, params, labels], late, keys)
+    return images, {**failures, **late}
+
+
+def _gpu_worker_init(device: torch.device, worker_id: int) -> None:
+    torch.set_num_threads(1)
+    torch.cuda.set_device(device)
+
+
 def _substitute(columns: list, failures: dict, keys: list) -> None:
-    """A corrupt sample's slot takes the next good sample of the same batch: size and order stay exact."""
+    """A corrupt sample's slot takes the next good sample of the same batch: size and order stay exact.
+    Columns are lists or tensors (a row is copied)."""
     n = len(columns[0])
     good = [i for i in range(n) if i not in failures]
     if not good:
@@ -206,7 +247,7 @@ class ShardLoader:
 
     def __init__(self, pipeline: DataPipeline, dataset, global_batch_size: int, device: torch.device, seed: int,
                  num_workers: int, rank: int, world_size: int, prefetch: int, window: int, mode: str = "cpu",
-                 accumulation: int = 1):
+                 accumulation: int = 1, decode_in_workers: bool = True):
         if isinstance(dataset, str):
             from genfoundry.shards import ShardDataset
 
@@ -217,6 +258,8 @@ class ShardLoader:
         self.local_batch_size = self.batches.local_batch_size(world_size, accumulation)
         self.rank, self.world_size, self.accumulation = rank, world_size, accumulation
         self.num_workers, self.prefetch = num_workers, prefetch
+        # GPU decoding in the workers: each is a spawned process with its own CUDA context and decoder.
+        self.worker_decode = mode == "gpu" and num_workers > 0 and decode_in_workers
         self.epoch, self.batch, self.micro = 0, 0, 0
         self.corrupt: Counter[str] = Counter()  # key -> times substituted
         self.corrupt_reasons: dict[str, str] = {}
@@ -241,27 +284,42 @@ class ShardLoader:
 
     def __iter__(self):
         """Batches from the current position on, across epochs, through one pool of workers."""
-        reader = _BatchReader(self.pipeline, self.dataset, self.batches, self.rank, self.world_size, self.mode,
-                              self.accumulation)
+        pipeline, decode_device, extra = self.pipeline, None, {}
+        if self.worker_decode:  # CUDA cannot be used in a forked child of a process that has used it
+            pipeline, decode_device = self.pipeline.for_workers(), self.device
+            extra = {"multiprocessing_context": "spawn", "worker_init_fn": partial(_gpu_worker_init, self.device)}
+        reader = _BatchReader(pipeline, self.dataset, self.batches, self.rank, self.world_size, self.mode,
+                              self.accumulation, decode_device)
+        stop = []
         loader = torch.utils.data.DataLoader(
-            reader, batch_size=None, sampler=self._positions(), num_workers=self.num_workers,
+            reader, batch_size=None, sampler=self._positions(stop), num_workers=self.num_workers,
             prefetch_factor=self.prefetch if self.num_workers else None, collate_fn=_collate,
             # nvJPEG reads the bytes from pageable memory itself: only decoded images are worth pinning.
-            pin_memory=self.mode == "cpu" and self.device.type != "cpu", persistent_workers=False)
-        for item in loader:
-            batch = self._finish(*item)
-            self.micro += 1
-            if self.micro == self.accumulation:
-                self.batch, self.micro = self.batch + 1, 0
-                if self.batch == self.batches.batches_per_epoch:
-                    self.epoch, self.batch = self.epoch + 1, 0
-            yield batch
+            pin_memory=self.mode == "cpu" and self.device.type != "cpu", persistent_workers=False, **extra)
+        items = iter(loader)
+        try:
+            for item in items:
+                batch = self._finish(*item)
+                self.micro += 1
+                if self.micro == self.accumulation:
+                    self.batch, self.micro = self.batch + 1, 0
+                    if self.batch == self.batches.batches_per_epoch:
+                        self.epoch, self.batch = self.epoch + 1, 0
+                yield batch
+        finally:
+            if self.worker_decode:
+                # Take in the batches the workers have already sent before they exit: a CUDA tensor sent
+                # through IPC and never received keeps its producer waiting, and warning, at exit.
+                stop.append(True)
+                with contextlib.suppress(Exception):  # nothing to report while closing down
+                    for _ in items:
+                        pass
 
-    def _positions(self):
-        """(epoch, item) from the current position, forever: the loader's sampler."""
+    def _positions(self, stop: list):
+        """(epoch, item) from the current position until `stop` is non-empty: the loader's sampler."""
         epoch, item = self.epoch, self.batch * self.accumulation + self.micro
         per_epoch = self.batches.batches_per_epoch * self.accumulation
-        while True:
+        while not stop:
             yield epoch, item
             item += 1
             if item == per_epoch:
@@ -275,40 +333,16 @@ class ShardLoader:
         return b.images, b.labels
 
     def _finish(self, indices, images, params, labels, keys, failures) -> Batch:
-        if self.mode == "gpu":
-            images, late = self._decode_on_device(images, len(indices))
-            if late:  # failures only nvJPEG saw: substitute on the device
-                rows = [images, params, labels]
-                _substitute(rows, late, keys)
-                images = torch.stack(rows[0]) if isinstance(rows[0], list) else rows[0]
-                failures = {**failures, **late}
+        if self.mode == "gpu" and not self.worker_decode:
+            images, failures = _decode_and_substitute(images, params, labels, keys, failures,
+                                                      self.pipeline.channels, self.device)
         metrics.report("data/corrupt_per_batch", len(failures))
         for slot, reason in failures.items():
             self.corrupt[keys[slot]] += 1
             self.corrupt_reasons[keys[slot]] = reason
-        x, p, y = (t.to(self.device, non_blocking=True) for t in (images, params, labels))
+        x = images.to(self.device, non_blocking=True)
+        p, y = (torch.from_numpy(a).to(self.device, non_blocking=True) for a in (params, labels))
         return Batch(self.pipeline.apply_batch(x, p), y, keys, np.asarray(indices))
-
-    def _decode_on_device(self, packed, n: int):
-        from genfoundry.data import gpu_decode
-
-        blob, lengths, jpeg_slots, plans, others = packed
-        starts = np.concatenate([[0], np.cumsum(lengths)]).astype(int)
-        datas = [blob[starts[i]:starts[i + 1]] for i in range(len(lengths))]
-        sizes = {tuple(pl[1]) for pl in plans} | {(im.shape[1], im.shape[0]) for im in others.values()}
-        if len(sizes) > 1:
-            raise ValueError(f"samples of one batch have different sizes {sorted(sizes)}; end the size "
-                             f"transforms with a fixed-size crop or Resize((height, width))")
-        w, h = sizes.pop()
-        out = torch.empty((n, h, w, self.pipeline.channels), dtype=torch.uint8, device=self.device)
-        late = {}
-        if jpeg_slots:
-            decoded, failed = gpu_decode.decode_batch(datas, plans, self.pipeline.channels, self.device)
-            out[jpeg_slots] = decoded
-            late = {jpeg_slots[i]: reason for i, reason in failed.items()}
-        for slot, image in others.items():
-            out[slot] = image.to(self.device, non_blocking=True)
-        return (list(out.unbind(0)) if late else out), late
 
 
 def _collate(item):

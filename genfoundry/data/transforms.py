@@ -146,6 +146,9 @@ class RandomHorizontalFlip(BatchTransform):
 
     def apply(self, x, params):
         flip = params[:, 0].bool()
+        if x.device.type != "cpu":
+            # A select over the whole batch: indexing by a mask would wait for the device to count it.
+            return torch.where(flip.view(-1, *[1] * (x.ndim - 1)), x.flip(-1), x)
         if flip.any():  # only the flipped samples are copied
             x[flip] = x[flip].flip(-1)
         return x
