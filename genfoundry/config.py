@@ -36,6 +36,7 @@ class DataConfig:
     channels: int = 0            # 1 or 3 for folders (0: 3) and shards (0: as packed)
     hflip: bool = False          # random horizontal flips (off for digits)
     workers: int = 2             # CPU decode worker processes for shard sets
+    fast_jpeg: bool = False      # libjpeg-turbo's fast chroma upsampling (~40% faster decode, ~41 dB PSNR)
 
     def __post_init__(self):
         if self.channels not in (0, 1, 3):
@@ -173,6 +174,8 @@ class Config:
 TRAINING_SECTIONS = ("data", "model", "diffusion")
 TRAINING_KEYS = ("global_batch_size", "lr", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip",
                  "ema_halflife_kimg", "ema_rampup", "precision")
+# Keys of those sections that do not: the images and their order do not depend on the worker count.
+NON_TRAINING_KEYS = {"data": ("workers",)}
 
 
 def to_dict(cfg: Config) -> dict:
@@ -305,7 +308,8 @@ def dumps(cfg: Config) -> str:
 def training_identity(cfg: Config) -> dict:
     """The part of the config that a resumed run must share with the run it continues."""
     data = to_dict(cfg)
-    ident = {s: data[s] for s in TRAINING_SECTIONS}
+    ident = {s: {k: v for k, v in data[s].items() if k not in NON_TRAINING_KEYS.get(s, ())}
+             for s in TRAINING_SECTIONS}
     ident["train"] = {k: data["train"][k] for k in TRAINING_KEYS}
     ident["seed"] = cfg.run.seed
     return ident

@@ -59,6 +59,8 @@ def test_unknown_recipe_lists_available():
 def test_hash_ignores_logging_but_not_training():
     a = config.load("demo")
     assert config.config_hash(a) == config.config_hash(config.load("demo", {"train.log_every": 7, "train.steps": 9}))
+    assert config.config_hash(a) == config.config_hash(config.load("demo", {"data.workers": 5}))
+    assert config.identity_diff(a, config.load("demo", {"data.fast_jpeg": True})) == ["data.fast_jpeg"]
     b = config.load("demo", {"train.lr": 1e-5})
     assert config.config_hash(a) != config.config_hash(b)
     assert config.identity_diff(a, b) == ["train.lr"]

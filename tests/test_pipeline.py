@@ -84,6 +84,18 @@ def test_decode_fuses_crop_and_resize_and_uses_reduced_scale_only_when_it_pays()
     assert np.array_equal(fractional, ref)
 
 
+def test_fast_jpeg_decode_is_close_to_the_accurate_one_but_not_equal():
+    photo = _photo(0, 400, 300)
+    buf = io.BytesIO()
+    Image.fromarray(photo).save(buf, "JPEG", quality=90)  # 4:2:0 chroma, which fast upsampling changes
+    accurate = decode(buf.getvalue(), (50, 20, 350, 280), (200, 200)).astype(float)  # full-scale decode
+    fast = decode(buf.getvalue(), (50, 20, 350, 280), (200, 200), fast_jpeg=True).astype(float)
+    psnr = 10 * np.log10(255**2 / np.mean((fast - accurate) ** 2))
+    assert 30 < psnr < 80  # it is another decode, and a close one
+    p = DataPipeline(fast_jpeg=True).add_transform(RandomResizedCrop(32))
+    assert p.for_workers().fast_jpeg
+
+
 def _pipeline():
     p = DataPipeline()
     for t in (RandomResizedCrop(32, scale=(0.3, 1.0)), RandomHorizontalFlip(), ColorJitter(0.3, 0.3, 0.3, 0.05),

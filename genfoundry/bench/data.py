@@ -115,14 +115,14 @@ def _children(pid: int) -> list[int]:
 
 def genfoundry_throughput(shards: str, workers: int, batch: int, seconds: float, warmup: int, device: str,
                           crop: int = 256, gpu_decode: bool | None = None, profile: bool = False,
-                          decode_in_workers: bool = True) -> dict:
+                          decode_in_workers: bool = True, fast_jpeg: bool = False) -> dict:
     import torch
 
     from genfoundry import accel
     from genfoundry.data import DataPipeline, Normalize, RandomHorizontalFlip, RandomResizedCrop
 
     torch.set_num_threads(1)
-    pipeline = DataPipeline()
+    pipeline = DataPipeline(fast_jpeg=fast_jpeg)
     for t in (RandomResizedCrop(crop), RandomHorizontalFlip(), Normalize(MEAN, STD)):
         pipeline.add_transform(t)
     dev = accel.get_device(device)
@@ -152,7 +152,8 @@ def genfoundry_throughput(shards: str, workers: int, batch: int, seconds: float,
         free, total = torch.cuda.mem_get_info(dev)
         used = (total - free) / 2**30
     where = "workers" if loader.worker_decode else "main process"
-    return {"images_per_s": rate, "images": n, "decode": loader.mode + ("" if loader.mode == "cpu" else f" ({where})"),
+    label = loader.mode + ("" if loader.mode == "cpu" else f" ({where})") + (", fast JPEG" if fast_jpeg else "")
+    return {"images_per_s": rate, "images": n, "decode": label,
             "rss_mb_over_time": rss.samples, "peak_rss_mb": max(m for _, m in rss.samples),
             "device_memory_used_gb": used, "main_process_profile": hot}
 
@@ -195,7 +196,7 @@ def raw_gpu_decode(folder: Path, batch: int, seconds: float, device: str) -> dic
 def run(workers: int = 2, batch: int = 64, count: int = 2000, seconds: float = 30.0, warmup: int = 3,
         baseline_python: str | None = None, device: str = "cpu", out: str | None = None,
         workdir: str | None = None, width: int = 500, height: int = 375, crop: int = 256,
-        decode: str = "auto", profile: bool = False) -> dict:
+        decode: str = "auto", profile: bool = False, fast_jpeg: bool = False) -> dict:
     from genfoundry.shards import pack
 
     work = Path(workdir or tempfile.mkdtemp(prefix="genfoundry-bench-data-"))
@@ -207,7 +208,7 @@ def run(workers: int = 2, batch: int = 64, count: int = 2000, seconds: float = 3
     pack(str(folder), str(shards), samples_per_shard=500, progress=False)
     gpu = {"auto": None, "gpu": True, "gpu-main": True, "cpu": False}[decode]
     ours = genfoundry_throughput(str(shards), workers, batch, seconds, warmup, device, crop, gpu, profile,
-                                 decode_in_workers=decode != "gpu-main")
+                                 decode_in_workers=decode != "gpu-main", fast_jpeg=fast_jpeg)
     print(f"genfoundry DataPipeline ({ours['decode']} decode): {ours['images_per_s']:.0f} images/s "
           f"(peak RSS {ours['peak_rss_mb']:.0f} MB"
           + (f", accelerator memory in use {ours['device_memory_used_gb']:.1f} GB)" if ours.get("device_memory_used_gb")
@@ -215,7 +216,7 @@ def run(workers: int = 2, batch: int = 64, count: int = 2000, seconds: float = 3
     for row in ours["main_process_profile"] or []:
         print(f"  {row['own_s']:7.3f} s own {row['cumulative_s']:7.3f} s cum {row['calls']:>8} calls  {row['function']}")
     result = {"format_version": 1, "benchmark": "data", "workers": workers, "batch_size": batch,
-              "images_on_disk": count, "image_size": [width, height], "jpeg_quality": 90,
+              "images_on_disk": count, "image_size": [width, height], "jpeg_quality": 90, "fast_jpeg": fast_jpeg,
               "pipeline": f"RandomResizedCrop({crop}, scale=(0.08, 1)) -> RandomHorizontalFlip -> Normalize",
               "genfoundry": {k: v for k, v in ours.items()}, "cpu_count": os.cpu_count()}
     if baseline_python:

@@ -72,7 +72,7 @@ def _from_shards(cfg, global_batch_size, val_batch_size, seed, device) -> Traini
     resolution = cfg.resolution or min(image_size(first))
 
     def pipeline(train: bool) -> DataPipeline:
-        p = DataPipeline(channels)
+        p = DataPipeline(channels, cfg.fast_jpeg)
         if cfg.resolution:
             p.add_transform(Resize(resolution))
             p.add_transform(CenterCrop(resolution))

@@ -34,10 +34,12 @@ class Batch:
 class DataPipeline:
     """An ordered list of transforms; `loader()` binds it to a dataset of shards."""
 
-    def __init__(self, channels: int = 3):
+    def __init__(self, channels: int = 3, fast_jpeg: bool = False):
+        """`fast_jpeg`: libjpeg-turbo's fast chroma upsampling on CPU decodes, about 40% less decode time
+        for about 41 dB PSNR against the accurate decode (off by default)."""
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
-        self.channels = channels
+        self.channels, self.fast_jpeg = channels, fast_jpeg
         self.size_transforms: list[SizeTransform] = []
         self.batch_transforms: list[BatchTransform] = []
 
@@ -60,7 +62,7 @@ class DataPipeline:
         """CPU half for one sample: fixed-size uint8 HWC and the batch transforms' parameters."""
         width, height = image_size(data)
         box, out_size = compose_plans(self.size_transforms, width, height, rng)
-        image = decode(data, box, out_size, self.channels)
+        image = decode(data, box, out_size, self.channels, self.fast_jpeg)
         params = [p for t in self.batch_transforms for p in t.params(rng)]
         return image, params
 
@@ -82,7 +84,10 @@ class DataPipeline:
             scale = [1.0 / (255.0 * s) for s in norm.std]  # (x / 255 - mean) / std
             shift = [-m / s for m, s in zip(norm.mean, norm.std)]
         x = x.permute(0, 3, 1, 2).contiguous()  # NCHW uint8: a cheap transpose of the small tensor
-        out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        if x.device.type == "cpu":  # numpy asks the kernel for huge pages: a fresh batch then faults 500x less
+            out = torch.from_numpy(np.empty(tuple(x.shape), dtype=np.float32))
+        else:
+            out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
         for c in range(channels):  # shift + scale * x per channel: conversion, scale and shift in one pass
             torch.add(torch.tensor(shift[c]), x[:, c], alpha=scale[c], out=out[:, c])
         x = out
@@ -93,7 +98,7 @@ class DataPipeline:
     def for_workers(self) -> DataPipeline:
         """A copy to send to spawned worker processes, which only plan sizes and draw parameters:
         callables (which need not pickle) are left behind, as they draw no parameters."""
-        copy = DataPipeline(self.channels)
+        copy = DataPipeline(self.channels, self.fast_jpeg)
         copy.size_transforms = list(self.size_transforms)
         copy.batch_transforms = [t for t in self.batch_transforms if not isinstance(t, Lambda)]
         return copy
