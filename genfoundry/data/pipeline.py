@@ -231,7 +231,7 @@ def _gpu_worker_init(device: torch.device, worker_id: int) -> None:
 
 def _substitute(columns: list, failures: dict, keys: list) -> None:
     """A corrupt sample's slot takes the next good sample of the same batch: size and order stay exact.
-    Columns are lists or tensors (a row is copied)."""
+    Columns are lists, arrays or tensors (a row is copied)."""
     n = len(columns[0])
     good = [i for i in range(n) if i not in failures]
     if not good:
