@@ -39,3 +39,14 @@ def test_a_samples_noise_depends_only_on_its_key():
     assert not torch.equal(whole[1][0], whole[1][1])
     big = objective.draw_keyed(x, [2**62 + 5, 2**62 + 6, 7, 8, 9, 10])
     assert not torch.equal(big[1][0], big[1][1])
+
+
+def test_keyed_uniforms_never_reach_zero_or_one():
+    """Every 32-bit hash value maps strictly inside (0, 1), so logit-normal times stay finite."""
+    from genfoundry.diffusion.noise import _unit
+    from genfoundry.diffusion.objective import logit_normal
+
+    extremes = torch.tensor([0, 1, 2**8, 2**9 - 1, 2**31, 2**32 - 2**9, 2**32 - 2, 2**32 - 1], dtype=torch.int64)
+    u = _unit(extremes)
+    assert (u > 0).all() and (u < 1).all(), u
+    assert torch.isfinite(logit_normal(u)).all()

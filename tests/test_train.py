@@ -157,3 +157,13 @@ def test_training_on_shards_resumes_exactly(tmp_path):
     assert_same_final_weights(tmp_path / "whole", tmp_path / "split")
     meta = json.loads((tmp_path / "whole" / "final" / "model.json").read_text())
     assert meta["arch"]["image_size"] == 28 and meta["arch"]["in_channels"] == 1 and meta["arch"]["num_classes"] == 10
+
+
+@pytest.mark.parametrize("sampling", ["uniform", "logit-normal"])
+def test_validation_times_follow_the_configured_time_sampling(tmp_path, sampling):
+    """The fixed validation batch draws its times as training does: uniform puts ~10% below 0.1, where
+    logit-normal puts ~1.4%."""
+    cfg = tiny_cfg(tmp_path, **{"diffusion.time_sampling": sampling, "train.val_batch_size": 512})
+    t = Trainer(cfg, lambda *a, **k: None).val_batch[2]
+    low = (t < 0.1).float().mean().item()
+    assert (0.06 < low < 0.14) if sampling == "uniform" else low < 0.04, low

@@ -43,8 +43,13 @@ def _bits(seeds: torch.Tensor, counters: torch.Tensor, salt: int) -> torch.Tenso
 
 
 def _unit(bits: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    """Uniform in the open interval (0, 1) from the top 24 bits."""
-    return ((bits >> 8).to(dtype) + 0.5) * (1.0 / (1 << 24))
+    """Uniform in the open interval (0, 1) from the top 23 bits.
+
+    23, not 24: float32 has a 24-bit significand, so the midpoint (2**24 - 0.5) / 2**24 of the top
+    24-bit bucket rounds to exactly 1.0, which inverse CDFs such as logit-normal turn into inf.
+    (k + 0.5) / 2**23 is exact in float32 for every k < 2**23, so the largest value is 1 - 2**-24.
+    """
+    return ((bits >> 9).to(dtype) + 0.5) * (1.0 / (1 << 23))
 
 
 def keyed_uniform(keys, count: int, device, salt: int = 0) -> torch.Tensor:

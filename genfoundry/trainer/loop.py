@@ -351,8 +351,7 @@ class Trainer:
         """The same held-out images, times and noise at every validation, so the curve is comparable."""
         x = torch.from_numpy(self.data.val_images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
         gen = torch.Generator().manual_seed(self.cfg.run.seed + 7919)
-        t = torch.sigmoid(torch.randn(len(x), generator=gen))
-        eps = torch.randn(x.shape, generator=gen)
+        t, eps, _ = self.objective.draw(x, gen)  # times as diffusion.time_sampling says, as in training
         self.val_batch = tuple(v.to(self.device) for v in (x, torch.from_numpy(self.data.val_labels), t, eps))
 
     @torch.no_grad()
