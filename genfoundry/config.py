@@ -11,11 +11,9 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from genfoundry.errors import ConfigError
+
 FORMAT_VERSION = 1
-
-
-class ConfigError(ValueError):
-    """A user mistake in a recipe or an override; the message is one line a user understands."""
 
 
 @dataclass
@@ -266,6 +264,8 @@ def load(recipe: str | None = None, overrides: dict[str, object] | None = None) 
             data = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: {e}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read recipe '{path}': {getattr(e, 'strerror', None) or e}") from None
         cfg = from_dict(data, cfg)
     return apply_overrides(cfg, overrides or {})
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from genfoundry.errors import GenfoundryError
+
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = [
     "t-shirt", "trouser", "pullover", "dress", "coat",
@@ -18,7 +20,7 @@ FASHION_MNIST_CLASSES = [
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 
 
-class SourceError(ValueError):
+class SourceError(GenfoundryError):
     """A dataset source is missing or unreadable; the message says how to fix it."""
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from genfoundry.errors import ConfigError
+
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 BASELINE = r'''
@@ -220,8 +222,11 @@ def run(workers: int = 2, batch: int = 64, count: int = 2000, seconds: float = 3
               "pipeline": f"RandomResizedCrop({crop}, scale=(0.08, 1)) -> RandomHorizontalFlip -> Normalize",
               "genfoundry": {k: v for k, v in ours.items()}, "cpu_count": os.cpu_count()}
     if baseline_python:
-        proc = subprocess.run([baseline_python, "-c", BASELINE, str(folder), str(workers), str(batch),
-                               str(seconds), str(warmup), str(crop)], capture_output=True, text=True)
+        try:
+            proc = subprocess.run([baseline_python, "-c", BASELINE, str(folder), str(workers), str(batch),
+                                   str(seconds), str(warmup), str(crop)], capture_output=True, text=True)
+        except OSError as e:
+            raise ConfigError(f"--baseline-python '{baseline_python}' cannot be run: {e.strerror or e}") from None
         if proc.returncode != 0:
             raise RuntimeError(f"baseline failed: {proc.stderr.strip().splitlines()[-1]}")
         base = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from genfoundry.errors import GenfoundryError
+
 try:
     import simplejpeg
 except ImportError:  # optional: Pillow decodes JPEG too, with draft-mode DCT scaling
@@ -22,7 +24,7 @@ except ImportError:  # optional: Pillow decodes JPEG too, with draft-mode DCT sc
 JPEG_MAGIC = b"\xff\xd8"
 
 
-class DecodeError(ValueError):
+class DecodeError(GenfoundryError):
     """An image that cannot be decoded; the batch substitutes it and the loader counts it."""
 
 

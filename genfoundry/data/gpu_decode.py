@@ -15,6 +15,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from genfoundry.shards.index import ShardError
+
 
 def available(device: torch.device) -> bool:
     """True where torchvision can decode JPEG on this device (a CUDA build beside a CUDA device)."""
@@ -33,7 +35,7 @@ def decode_packed(packed, n: int, channels: int, device: torch.device):
     blob, lengths, jpeg_slots, plans, others = packed
     sizes = {tuple(pl[1]) for pl in plans} | {(im.shape[1], im.shape[0]) for im in others.values()}
     if len(sizes) > 1:
-        raise ValueError(f"samples of one batch have different sizes {sorted(sizes)}; end the size "
+        raise ShardError(f"samples of one batch have different sizes {sorted(sizes)}; end the size "
                          f"transforms with a fixed-size crop or Resize((height, width))")
     w, h = sizes.pop()
     out = torch.empty((n, h, w, channels), dtype=torch.uint8, device=device)

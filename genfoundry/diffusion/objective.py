@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from genfoundry.diffusion.noise import keyed_normal, keyed_uniform
+from genfoundry.errors import ConfigError
 
 
 def logit_normal(u: torch.Tensor, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
@@ -38,9 +39,10 @@ class FlowMatching:
     def __init__(self, time_sampling: str = "logit-normal", loss_weighting: str = "uniform",
                  logit_mean: float = 0.0, logit_std: float = 1.0, class_dropout: float = 0.1):
         if time_sampling not in TIME_SAMPLERS:
-            raise ValueError(f"unknown diffusion.time_sampling '{time_sampling}'; choose from {sorted(TIME_SAMPLERS)}")
+            raise ConfigError(f"unknown diffusion.time_sampling '{time_sampling}'; choose from {sorted(TIME_SAMPLERS)}")
         if loss_weighting not in LOSS_WEIGHTINGS:
-            raise ValueError(f"unknown diffusion.loss_weighting '{loss_weighting}'; choose from {sorted(LOSS_WEIGHTINGS)}")
+            raise ConfigError(f"unknown diffusion.loss_weighting '{loss_weighting}'; "
+                              f"choose from {sorted(LOSS_WEIGHTINGS)}")
         self.sample_t = TIME_SAMPLERS[time_sampling]
         self.weight = LOSS_WEIGHTINGS[loss_weighting]
         self.logit_mean, self.logit_std = logit_mean, logit_std

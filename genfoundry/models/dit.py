@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from genfoundry.errors import ConfigError
+
 
 @dataclass
 class DiTArch:
@@ -26,7 +28,7 @@ class DiTArch:
 
     def __post_init__(self):
         if self.image_size % self.patch_size:
-            raise ValueError(f"image size {self.image_size} is not divisible by patch size {self.patch_size}")
+            raise ConfigError(f"image size {self.image_size} is not divisible by patch size {self.patch_size}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden size {self.hidden_size} is not divisible by {self.num_heads} heads")
 
@@ -202,5 +204,5 @@ MODELS = {
 
 def build_model(preset: str, image_size: int, in_channels: int, num_classes: int) -> DiT:
     if preset not in MODELS:
-        raise ValueError(f"unknown model preset '{preset}'; choose one of {sorted(MODELS)}")
+        raise ConfigError(f"unknown model preset '{preset}'; choose one of {sorted(MODELS)}")
     return DiT(DiTArch(image_size=image_size, in_channels=in_channels, num_classes=num_classes, **MODELS[preset]))

@@ -14,6 +14,8 @@ import os
 import re
 from pathlib import Path
 
+from genfoundry.errors import GenfoundryError
+
 FORMAT_VERSION = 1
 TAR_BLOCK = 512
 TAR_RECORD = 20 * TAR_BLOCK  # archives end padded to a whole record, as tar(1) writes them
@@ -24,7 +26,7 @@ SHARD_FILE = re.compile(r"^shard-(\d{6})\.(tar|idx\.json)$")
 TEMP_FILE = re.compile(r"^\.(shard-\d{6}\.(tar|idx\.json)|index\.json|failures\.jsonl)\.tmp\d+$")
 
 
-class ShardError(ValueError):
+class ShardError(GenfoundryError):
     """A source that cannot be packed or a shard set that cannot be read; the message says why."""
 
 

@@ -22,6 +22,7 @@ import numpy as np
 from genfoundry.shards.index import (FAILURES_NAME, FORMAT_VERSION, INDEX_NAME, SHARD_FILE, TAR_BLOCK, TAR_RECORD,
                                      TEMP_FILE, ShardError, encode_json, idx_name, read_shard_index, sample_key,
                                      sha256_bytes, sha256_file, tar_name, ustar_header, write_atomic)
+from genfoundry.errors import writable_directory
 from genfoundry.sources import IMAGE_SUFFIXES, SOURCES, SourceError, center_crop_resize, load_images
 
 FORMATS = ("keep", "jpeg", "png")
@@ -106,7 +107,7 @@ def _read_rows(path: Path) -> tuple[list[dict], list[str]]:
                 reader = csv.DictReader(f)
                 rows = list(reader)
                 return rows, list(reader.fieldnames or [])
-        except (UnicodeDecodeError, csv.Error) as e:
+        except (OSError, UnicodeDecodeError, csv.Error) as e:
             raise ShardError(f"'{path}' is not a readable CSV file: {e}") from None
     try:
         import pyarrow.parquet as pq
@@ -330,10 +331,7 @@ def pack(src: str, out: str, samples_per_shard: int = 1000, resolution: int | No
     if not (isinstance(quality, int) and 1 <= quality <= 100):
         raise ShardError(f"JPEG quality must be an integer from 1 to 100, got {quality!r}")
     inputs = list_inputs(src)
-    outdir = Path(os.path.expanduser(out))
-    if outdir.exists() and not outdir.is_dir():
-        raise ShardError(f"output '{out}' exists and is not a directory")
-    outdir.mkdir(parents=True, exist_ok=True)
+    outdir = writable_directory(out, ShardError)
     encoding = {"resolution": resolution, "image_format": image_format, "quality": quality}
     num_shards = -(-len(inputs.items) // samples_per_shard)
 

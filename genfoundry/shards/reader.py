@@ -62,7 +62,10 @@ class ShardDataset:
             if not path.is_file():
                 raise ShardError(f"no {INDEX_NAME} in '{self.root}'; pack images there first: "
                                  f"genfoundry pack SRC {self.root}")
-            text = path.read_bytes()
+            try:
+                text = path.read_bytes()
+            except OSError as e:
+                raise ShardError(f"cannot read '{path}': {e.strerror or e}") from None
         else:
             try:
                 import fsspec
@@ -75,11 +78,16 @@ class ShardDataset:
                 raise ShardError(f"cannot open '{self.url}': {e}") from None
             self.root = root.rstrip("/")
             self.cache = Path(cache_dir) if cache_dir is not None else default_cache_dir(self.url)
-            self.cache.mkdir(parents=True, exist_ok=True)
+            try:
+                self.cache.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ShardError(f"cannot create the shard cache '{self.cache}': {e.strerror or e}") from None
             try:
                 text = self.fs.cat_file(self._remote(INDEX_NAME))
             except FileNotFoundError:
                 raise ShardError(f"no {INDEX_NAME} at '{self.url}'; is it a packed shard set?") from None
+            except OSError as e:
+                raise ShardError(f"cannot read {INDEX_NAME} at '{self.url}': {e.strerror or e}") from None
         try:
             self.index = json.loads(text)
         except ValueError as e:
