@@ -9,11 +9,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
 
-from genfoundry.data import (ColorJitter, DataPipeline, Normalize, RandomCrop, RandomHorizontalFlip,
-                             RandomResizedCrop, Resize)
+from genfoundry.data import (ColorJitter, DataPipeline, InMemoryLoader, Loader, Normalize, RandomCrop,
+                             RandomHorizontalFlip, RandomResizedCrop, Resize)
 from genfoundry.data.decode import decode, image_size
 from genfoundry.data.order import GlobalBatches, global_order
 from genfoundry.shards import ShardDataset, pack
+from genfoundry.sources import ImageSet
 
 
 def _photo(seed: int, w: int = 120, h: int = 90) -> np.ndarray:
@@ -102,6 +103,13 @@ def _pipeline():
               Normalize([0.5] * 3, [0.5] * 3)):
         p.add_transform(t)
     return p
+
+
+def test_both_loaders_are_loaders(shards):
+    images = ImageSet("tiny", np.zeros((8, 4, 4, 1), np.uint8), np.zeros(8, np.int64), ["a"])
+    assert isinstance(InMemoryLoader(images, 4), Loader)
+    assert isinstance(_pipeline().loader(shards, 8), Loader)
+    assert not isinstance(object(), Loader)
 
 
 def test_images_do_not_depend_on_workers_or_batching(shards):

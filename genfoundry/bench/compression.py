@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 from genfoundry import metrics
+from genfoundry.distributed.launch import torchrun_command
 
 METHODS = ("none", "topk", "powersgd")
 
@@ -27,9 +27,9 @@ def train_run(method: str, nproc: int, recipe: str, overrides: list[str], root: 
 
 
 def _train(method: str, nproc: int, recipe: str, overrides: list[str], root: Path) -> None:
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "genfoundry", "train", "--config", recipe, f"--run.root={root}", f"--run.name={method}",
-            f"--parallel.comm_hook={method}", "--train.sample_every=0", "--train.checkpoint_every=0", *overrides]
+    args = torchrun_command(nproc, "genfoundry", [
+        "train", "--config", recipe, f"--run.root={root}", f"--run.name={method}", f"--parallel.comm_hook={method}",
+        "--train.sample_every=0", "--train.checkpoint_every=0", *overrides])
     result = subprocess.run(args, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"the {method} run failed:\n{result.stderr[-3000:]}")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from genfoundry import accel
+from genfoundry import accel, seeding
 from genfoundry.diffusion import FlowMatching
 from genfoundry.models import build_model
 
@@ -41,14 +41,6 @@ def matmul_ceiling(device: torch.device, precision: str = "bf16", n: int = 8192,
     return 2 * n**3 / statistics.median(times)
 
 
-def _world() -> int:
-    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-
-
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
 def build_step(impl: str, preset: str, image_size: int, channels: int, num_classes: int, batch_size: int,
                precision: str, compile: str, dev: torch.device):
     """A function running one training step of `batch_size` images per rank, and the model.
@@ -64,13 +56,13 @@ def build_step(impl: str, preset: str, image_size: int, channels: int, num_class
     torch.manual_seed(0)
     model = build_model(preset, image_size, channels, num_classes).to(dev)
     objective = FlowMatching()
-    gen = torch.Generator(dev).manual_seed(_rank())
+    gen = torch.Generator(dev).manual_seed(accel.rank())
     x = torch.randn(batch_size, channels, image_size, image_size, device=dev)
     y = torch.randint(0, num_classes, (batch_size,), device=dev)
     scaler = DynamicLossScaler() if precision == "fp16" else None
     if impl == "baseline":
         net = model
-        if _world() > 1:
+        if accel.world_size() > 1:
             from torch.nn.parallel import DistributedDataParallel
 
             net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
@@ -85,7 +77,7 @@ def build_step(impl: str, preset: str, image_size: int, channels: int, num_class
 
         def draw():
             step_no[0] += 1
-            base = step_no[0] * 1_000_003 + _rank() * batch_size
+            base = seeding.mix(step_no[0]) % 2**62 + accel.rank() * batch_size
             return objective.draw_keyed(x, range(base, base + batch_size))
 
     def step():
@@ -115,7 +107,7 @@ def train_throughput(preset: str = "DiT-B/2", image_size: int = 32, channels: in
         torch.distributed.barrier()
     elapsed = time_it(lambda: [step() for _ in range(steps)])
     kernels = profile_kernels(step, dev) if profile else None
-    world = _world()
+    world = accel.world_size()
     ips = steps * batch_size * world / elapsed
     achieved = ips * 3 * flops_fwd
     peak = accel.peak_flops(dev, precision)
@@ -177,12 +169,12 @@ def run(presets: list[str], batch_size: int, precision: str, compile: str, steps
 
     dev = accel.get_device(device)
     parallel.init_process_group(dev, 600)
-    say = print if _rank() == 0 else (lambda *a, **k: None)
+    say = print if accel.rank() == 0 else (lambda *a, **k: None)
     ceilings = {}
     for prec in precisions or [precision]:
         ceilings[prec] = matmul_ceiling(dev, prec)
         say(f"matrix-product ceiling ({prec}, {accel.device_name(dev)}): {ceilings[prec] / 1e12:.1f} TFLOP/s; "
-            f"{_world()} rank(s)")
+            f"{accel.world_size()} rank(s)")
     results = []
     for preset in presets:
         for prec in precisions or [precision]:
@@ -191,7 +183,7 @@ def run(presets: list[str], batch_size: int, precision: str, compile: str, steps
                 r = train_throughput(preset, batch_size=batch_size, precision=prec, compile=compile, steps=steps,
                                      device=device, impl=impl, profile=profile and impl == "genfoundry")
                 r["matmul_ceiling_tflops"] = ceiling / 1e12
-                r["mfu_measured_ceiling"] = r["achieved_tflops"] * 1e12 / (ceiling * _world())
+                r["mfu_measured_ceiling"] = r["achieved_tflops"] * 1e12 / (ceiling * accel.world_size())
                 mfu = f"{r['mfu_datasheet']:.1%}" if r["mfu_datasheet"] is not None else "n/a"
                 mem = f"{r['peak_memory_gb']:.1f} GB" if r["peak_memory_gb"] else "n/a"
                 say(f"{preset} {prec} {impl:>10} x{r['world_size']}: {r['images_per_s']:.0f} images/s, "
@@ -207,7 +199,7 @@ def run(presets: list[str], batch_size: int, precision: str, compile: str, steps
             if baseline:
                 ours, base = results[-2], results[-1]
                 say(f"{preset} {prec}: genfoundry / baseline = {ours['images_per_s'] / base['images_per_s']:.2f}x")
-    if out and _rank() == 0:
+    if out and accel.rank() == 0:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps({"format_version": 2, "benchmark": "train_throughput", "results": results},
                                         indent=2))

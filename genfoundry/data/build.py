@@ -9,19 +9,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from genfoundry import seeding
+from genfoundry.data.loader import Loader
 from genfoundry.data.memory import InMemoryLoader
 from genfoundry.data.pipeline import DataPipeline
 from genfoundry.data.transforms import CenterCrop, Normalize, RandomHorizontalFlip, Resize
-from genfoundry.sources import SOURCES, load_images
+from genfoundry.errors import ConfigError
+from genfoundry.sources import SOURCES, SourceError, load_images
 
 FOLDER_RESOLUTION = 64  # folders hold images of any size; this is the side they are brought to by default
 
 
 @dataclass
 class TrainingData:
-    # (rank, world_size, accumulation) -> a loader of that rank's micro-batches: next_batch() ->
-    # (images in [-1, 1] NCHW, labels), state_dict()/load_state_dict()
-    make_loader: Callable[[int, int, int], object]
+    make_loader: Callable[[int, int, int], Loader]  # (rank, world_size, accumulation) -> that rank's loader
     name: str
     class_names: list[str]
     resolution: int
@@ -43,16 +44,16 @@ def training_data(cfg, global_batch_size: int, val_batch_size: int, seed: int, d
     if is_shard_set(cfg.source):
         return _from_shards(cfg, global_batch_size, val_batch_size, seed, device)
     if cfg.source in SOURCES and (cfg.resolution or cfg.channels):
-        raise ValueError(f"'{cfg.source}' images are 28x28 grayscale; data.resolution and data.channels apply "
-                         f"to folders and shards")
+        raise ConfigError(f"'{cfg.source}' images are 28x28 grayscale; data.resolution and data.channels apply "
+                          f"to folders and shards")
     train = load_images(cfg.source, cfg.split, cfg.resolution or FOLDER_RESOLUTION, cfg.channels or 3)
     try:
         val = load_images(cfg.source, cfg.val_split, cfg.resolution or FOLDER_RESOLUTION, cfg.channels or 3)
-    except ValueError:
+    except SourceError:
         val = train  # folders have no splits: the validation batch is then in-sample
     if len(train) < global_batch_size:
-        raise ValueError(f"dataset '{train.name}' has {len(train)} images, fewer than one global batch of "
-                         f"{global_batch_size}")
+        raise SourceError(f"dataset '{train.name}' has {len(train)} images, fewer than one global batch of "
+                          f"{global_batch_size}")
 
     def make_loader(rank, world_size, accumulation):
         return InMemoryLoader(train, global_batch_size, seed, device, cfg.hflip, rank, world_size, accumulation)
@@ -87,7 +88,7 @@ def _from_shards(cfg, global_batch_size, val_batch_size, seed, device) -> Traini
                             accumulation=accumulation)
 
     # The validation batch: the first global batch of another seed, without augmentation (in-sample).
-    val_loader = pipeline(False).loader(dataset, min(val_batch_size, len(dataset)), "cpu", seed + 1, 0, 0, 1)
+    val_loader = pipeline(False).loader(dataset, min(val_batch_size, len(dataset)), "cpu", seeding.mix(seed, 1), 0, 0, 1)
     val = next(iter(val_loader))
     val_images = (val.images * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return TrainingData(make_loader, Path(str(cfg.source).rstrip("/")).name, dataset.class_names or [""], resolution,

@@ -5,14 +5,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from genfoundry import seeding
+from genfoundry.checkpoint import CheckpointError
 from genfoundry.data.order import GlobalBatches, chunk_index
-from genfoundry.sources import ImageSet
+from genfoundry.sources import ImageSet, SourceError
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: the order comes from seeding.mix
 
 
 def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    gen = torch.Generator().manual_seed(seeding.mix(seed, epoch))
     return torch.randperm(num_samples, generator=gen)
 
 
@@ -27,7 +29,7 @@ class InMemoryLoader:
     def __init__(self, images: ImageSet, global_batch_size: int, seed: int = 0, device=None, hflip: bool = False,
                  rank: int = 0, world_size: int = 1, accumulation: int = 1):
         if len(images) < global_batch_size:
-            raise ValueError(f"dataset '{images.name}' has {len(images)} images, fewer than one batch of "
+            raise SourceError(f"dataset '{images.name}' has {len(images)} images, fewer than one batch of "
                              f"{global_batch_size}")
         self.images = torch.from_numpy(np.ascontiguousarray(images.images)).permute(0, 3, 1, 2)  # uint8 NCHW
         self.labels = torch.from_numpy(images.labels)
@@ -50,7 +52,7 @@ class InMemoryLoader:
     def load_state_dict(self, state: dict) -> None:
         for key in ("format_version", "seed", "global_batch_size"):
             if state.get(key) != self.state_dict()[key]:
-                raise ValueError(f"data state was saved with {key} {state.get(key)}, this loader has "
+                raise CheckpointError(f"data state was saved with {key} {state.get(key)}, this loader has "
                                  f"{self.state_dict()[key]}")
         if state["micro"] and state["accumulation"] != self.accumulation:
             raise ValueError("data state was saved in the middle of a global batch with another accumulation; "
@@ -70,7 +72,7 @@ class InMemoryLoader:
         if self.hflip:
             # Drawn for the whole global batch and seeded by its position (which the checkpoint holds),
             # so flips survive a resume and do not depend on how the batch is split.
-            gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + self.batch)
+            gen = torch.Generator().manual_seed(seeding.mix(self.seed, self.epoch, self.batch))
             flip = (torch.rand(self.global_batch_size, generator=gen) < 0.5)[offset:offset + m]
             x = torch.where(flip.to(self.device).view(-1, 1, 1, 1), x.flip(3), x)
         self.micro += 1

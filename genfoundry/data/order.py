@@ -12,11 +12,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from genfoundry import seeding
+from genfoundry.errors import ConfigError
+from genfoundry.sources import SourceError
+
 FORMAT_VERSION = 1
 
 
 def _rng(*words: int) -> np.random.Generator:
-    return np.random.default_rng([int(w) & 0xFFFFFFFF for w in words])
+    return np.random.default_rng(seeding.mix(*words))
 
 
 def global_order(shard_sizes: list[int], seed: int, epoch: int, window: int = 4096) -> np.ndarray:
@@ -53,7 +57,7 @@ class GlobalBatches:
 
     def __post_init__(self):
         if self.batches_per_epoch == 0:
-            raise ValueError(f"the dataset has {sum(self.shard_sizes)} samples, fewer than one global batch "
+            raise SourceError(f"the dataset has {sum(self.shard_sizes)} samples, fewer than one global batch "
                              f"of {self.global_batch_size}")
 
     @property
@@ -64,7 +68,7 @@ class GlobalBatches:
         """Images in one micro-batch of one rank."""
         chunks = world_size * accumulation
         if self.global_batch_size % chunks:
-            raise ValueError(f"global batch {self.global_batch_size} does not split into {world_size} ranks x "
+            raise ConfigError(f"global batch {self.global_batch_size} does not split into {world_size} ranks x "
                              f"{accumulation} micro-batches; use a multiple of {chunks}")
         return self.global_batch_size // chunks
 

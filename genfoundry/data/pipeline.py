@@ -15,12 +15,15 @@ import numpy as np
 import torch
 
 from genfoundry import metrics
+from genfoundry.checkpoint import CheckpointError
 from genfoundry.data.decode import JPEG_MAGIC, DecodeError, decode, image_size
 from genfoundry.data.order import GlobalBatches, global_order, sample_seed
 from genfoundry.data.transforms import (BatchTransform, Lambda, Normalize, RandomHorizontalFlip, SizeTransform,
                                         compose_plans)
+from genfoundry.errors import ConfigError
+from genfoundry.shards.index import ShardError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the order comes from seeding.mix
 
 
 @dataclass
@@ -126,7 +129,7 @@ class DataPipeline:
 
         device = torch.device(device)
         if gpu_decode and not gpu.available(device):
-            raise ValueError(f"GPU decoding needs a CUDA device and torchvision with CUDA; device is '{device}'")
+            raise ConfigError(f"GPU decoding needs a CUDA device and torchvision with CUDA; device is '{device}'")
         mode = "gpu" if device.type != "cpu" and gpu_decode is not False and gpu.available(device) else "cpu"
         if mode == "gpu" and device.index is None:  # workers must decode on this process's device
             device = torch.device(device.type, torch.cuda.current_device())
@@ -208,7 +211,7 @@ class _BatchReader(torch.utils.data.Dataset):
             images = [pl[1] for pl in payloads]
             sizes = {im.shape for im in images}
             if len(sizes) > 1:
-                raise ValueError(f"samples of one batch have different sizes {sorted(sizes)}; end the size "
+                raise ShardError(f"samples of one batch have different sizes {sorted(sizes)}; end the size "
                                  f"transforms with a fixed-size crop or Resize((height, width))")
             x = torch.from_numpy(np.stack(images))
         return indices, x, p, y, keys, failures
@@ -235,7 +238,7 @@ def _substitute(columns: list, failures: dict, keys: list) -> None:
     n = len(columns[0])
     good = [i for i in range(n) if i not in failures]
     if not good:
-        raise ValueError(f"every sample of a batch failed to decode, e.g. {keys[0]}: {next(iter(failures.values()))}")
+        raise ShardError(f"every sample of a batch failed to decode, e.g. {keys[0]}: {next(iter(failures.values()))}")
     for slot in failures:
         donor = next((g for g in good if g > slot), good[0])
         for column in columns:
@@ -277,10 +280,10 @@ class ShardLoader:
                 "num_samples": sum(self.batches.shard_sizes)}
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "global_batch_size", "num_samples"):
+        for key in ("format_version", "seed", "global_batch_size", "num_samples"):
             mine = self.state_dict()[key]
-            if state[key] != mine:
-                raise ValueError(f"data state was saved with {key} {state[key]}, this loader has {mine}")
+            if state.get(key) != mine:
+                raise CheckpointError(f"data state was saved with {key} {state.get(key)}, this loader has {mine}")
         if state.get("micro", 0) and state.get("accumulation") != self.accumulation:
             raise ValueError("data state was saved in the middle of a global batch with another accumulation; "
                              "resume it with the same number of ranks and micro-batches")

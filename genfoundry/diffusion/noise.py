@@ -13,23 +13,15 @@ import math
 
 import torch
 
-_MASK = 0xFFFFFFFF
+from genfoundry.seeding import MASK32, hash32
+
 _TWO_PI = 2 * math.pi
-
-
-def _hash32(x: torch.Tensor) -> torch.Tensor:
-    """A bijective mix of 32-bit values held in int64 (products wrap; the low 32 bits stay exact)."""
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _MASK
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & _MASK
-    return x ^ (x >> 16)
 
 
 def _seeds(keys, device) -> torch.Tensor:
     """One 32-bit stream seed per key (keys are non-negative integers below 2**63)."""
     k = torch.as_tensor(list(keys) if not isinstance(keys, torch.Tensor) else keys, dtype=torch.int64, device=device)
-    return _hash32((k & _MASK) ^ _hash32((k >> 32) & _MASK))
+    return hash32((k & MASK32) ^ hash32((k >> 32) & MASK32))
 
 
 def _bits(seeds: torch.Tensor, counters: torch.Tensor, salt: int) -> torch.Tensor:
@@ -37,9 +29,9 @@ def _bits(seeds: torch.Tensor, counters: torch.Tensor, salt: int) -> torch.Tenso
 
     The salt is folded into the seed, so streams of different salts share no values position-wise.
     """
-    s = _hash32(seeds ^ _hash32(torch.tensor(salt * 0x9E3779B9 & _MASK, device=seeds.device)))
-    x = _hash32(s[:, None] ^ _hash32(counters)[None, :])
-    return _hash32(x ^ s[:, None])
+    s = hash32(seeds ^ hash32(torch.tensor(salt * 0x9E3779B9 & MASK32, device=seeds.device)))
+    x = hash32(s[:, None] ^ hash32(counters)[None, :])
+    return hash32(x ^ s[:, None])
 
 
 def _unit(bits: torch.Tensor, dtype=torch.float32) -> torch.Tensor:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from genfoundry import accel
+from genfoundry import accel, seeding
 
 
 def image_noise(indices, shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -16,7 +16,7 @@ def image_noise(indices, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     out = torch.empty((len(indices), *shape))
     gen = torch.Generator()
     for row, i in enumerate(indices):
-        gen.manual_seed(seed * 1_000_003 + int(i))
+        gen.manual_seed(seeding.mix(seed, int(i)))
         out[row] = torch.randn(shape, generator=gen)
     return out
 
