@@ -9,6 +9,8 @@ import os
 
 import torch
 
+from genfoundry.errors import ConfigError
+
 # device type -> torch.distributed backend
 BACKENDS = {
     "cuda": "nccl",
@@ -45,9 +47,9 @@ def get_device(requested: str = "auto") -> torch.device:
     try:
         device = torch.device(requested)
     except RuntimeError as e:
-        raise ValueError(f"run.device '{requested}' is not a device torch knows: {e}") from None
+        raise ConfigError(f"run.device '{requested}' is not a device torch knows: {e}") from None
     if device.type != "cpu" and device.type != accelerator_type():
-        raise ValueError(f"run.device '{requested}' is not available here; this machine has '{accelerator_type()}'")
+        raise ConfigError(f"run.device '{requested}' is not available here; this machine has '{accelerator_type()}'")
     return device
 
 
@@ -116,8 +118,14 @@ def set_rng_states(device: torch.device, states: dict) -> None:
         mod.set_rng_state(states[device.type], device)
 
 
+def distributed() -> bool:
+    """True once this process has joined a torch.distributed process group."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def rank() -> int:
-    return int(os.environ.get("RANK", 0))
+    """This process's rank: the process group's once joined, torchrun's RANK before, else 0."""
+    return torch.distributed.get_rank() if distributed() else int(os.environ.get("RANK", 0))
 
 
 def local_rank() -> int:
@@ -125,8 +133,57 @@ def local_rank() -> int:
 
 
 def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", 1))
+    """Ranks in the process group once joined, torchrun's WORLD_SIZE before, else 1."""
+    return torch.distributed.get_world_size() if distributed() else int(os.environ.get("WORLD_SIZE", 1))
 
 
 def is_main_process() -> bool:
     return rank() == 0
+
+
+# ---- collectives on host-side values ---------------------------------------------------------------
+# Every collective genfoundry issues itself (metrics, overflow flags, agreed sizes and steps) goes
+# through these, so each tensor is on a device its backend takes: NCCL, HCCL and XCCL refuse CPU
+# tensors, where gloo takes them. Gradient hooks work on DDP's buckets, which are already there.
+
+
+def backend_devices(config: str) -> list[str]:
+    """Device types a process group's backend config takes tensors of, e.g. 'cpu:gloo,cuda:gloo' ->
+    ['cpu', 'cuda'] and 'cuda:nccl' -> ['cuda'] (the format of torch.distributed.get_backend_config)."""
+    return [part.split(":")[0].strip() for part in config.split(",") if ":" in part]
+
+
+def comm_device(group=None) -> torch.device:
+    """The device on which the process group's backend takes tensors: the CPU where it can (gloo),
+    else this process's accelerator (NCCL and its kin)."""
+    kinds = backend_devices(torch.distributed.get_backend_config(group))
+    if "cpu" in kinds:
+        return torch.device("cpu")
+    kind = accelerator_type()
+    if kind not in kinds:
+        raise RuntimeError(f"the process group's backend takes tensors on {kinds}, and this process has "
+                           f"no such device (it has '{kind}')")
+    return torch.device(kind, torch.accelerator.current_device_index())
+
+
+def all_reduce(tensor: torch.Tensor, op: str = "sum", group=None) -> torch.Tensor:
+    """`tensor` reduced over the ranks ('sum', 'min' or 'max'), on the communication device. Without a
+    process group it is the tensor itself."""
+    if not distributed():
+        return tensor
+    work = tensor.to(comm_device(group))
+    if work is tensor:
+        work = tensor.clone()
+    ops = {"sum": torch.distributed.ReduceOp.SUM, "min": torch.distributed.ReduceOp.MIN,
+           "max": torch.distributed.ReduceOp.MAX}
+    torch.distributed.all_reduce(work, ops[op], group=group)
+    return work
+
+
+def broadcast_int(value: int, src: int = 0) -> int:
+    """Rank `src`'s value on every rank (a value alone when running alone)."""
+    if not distributed():
+        return value
+    work = torch.tensor([value], dtype=torch.int64, device=comm_device())
+    torch.distributed.broadcast(work, src)
+    return int(work.item())

@@ -8,32 +8,40 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from genfoundry import accel
 from genfoundry import config as config_lib
 from genfoundry.config import Config
 from genfoundry.diffusion import generate, grid, save_png
+from genfoundry.errors import GenfoundryError, writable_directory
 from genfoundry.models import DiT, DiTArch
 from genfoundry.trainer import Trainer, run_dir_of
 
 FORMAT_VERSION = 1
 
 
-class RunError(ValueError):
-    """A run directory that lacks what a command needs."""
+class RunError(GenfoundryError):
+    """A run directory that lacks what a command needs, or an output directory that cannot be written."""
 
 
 def train(cfg: Config, print_fn=print) -> dict:
     """Trains or resumes the run `cfg` names; returns the last metrics row.
 
-    Under torchrun (WORLD_SIZE > 1) it joins the process group and trains as one rank of many.
+    Under torchrun (WORLD_SIZE > 1) it joins the process group and trains as one rank of many. When
+    another rank dies it raises `PeerLostError`; any other error keeps its type and traceback.
     """
     from genfoundry.distributed import parallel
 
-    joined_before = torch.distributed.is_available() and torch.distributed.is_initialized()
+    joined_before = accel.distributed()
     try:
         return Trainer(cfg, print_fn).train()
+    except RuntimeError as e:  # told apart while the process group and its heartbeat still exist
+        why = parallel.peer_failure(e)
+        if why is None:
+            raise
+        raise parallel.PeerLostError(why) from e
     finally:
         if not joined_before:
             parallel.destroy_process_group()
@@ -47,9 +55,20 @@ def load_trained(run_dir: str | Path, weights: str = "ema", device: str = "auto"
         raise RunError(f"weights must be 'ema' or 'model', got '{weights}'")
     if not meta_path.is_file():
         raise RunError(f"'{run_dir}' has no final model ({meta_path} is missing); train it to the end first")
-    meta = json.loads(meta_path.read_text())
+    weights_path = final / f"{weights}.safetensors"
+    if not weights_path.is_file():
+        raise RunError(f"'{run_dir}' has no {weights} weights ({weights_path} is missing)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as e:
+        raise RunError(f"cannot read {meta_path}: {getattr(e, 'strerror', None) or e}") from None
     model = DiT(DiTArch(**meta["arch"]))
-    model.load_state_dict(load_file(str(final / f"{weights}.safetensors")))
+    try:
+        state = load_file(str(weights_path))
+    except (OSError, SafetensorError) as e:
+        reason = getattr(e, "strerror", None) or e
+        raise RunError(f"{weights_path} is not a readable safetensors file: {reason}") from None
+    model.load_state_dict(state)
     return model.to(accel.get_device(device)).eval(), meta
 
 
@@ -76,11 +95,10 @@ def sample(run_dir: str | Path, out_dir: str | Path | None = None, num_images: i
     settings = dict(sampler=sampler or sc.sampler, steps=steps or sc.steps,
                     cfg_scale=sc.cfg_scale if cfg_scale is None else cfg_scale,
                     seed=sc.seed if seed is None else seed)
+    out = writable_directory(out_dir or Path(run_dir) / "samples" / "sampled", RunError)
     labels = balanced_labels(num_images, k)
     images = generate(model, labels, range(num_images), batch_size=batch_size or sc.batch_size,
                       precision=sc.precision, **settings)
-    out = Path(out_dir or Path(run_dir) / "samples" / "sampled")
-    out.mkdir(parents=True, exist_ok=True)
     # Order by class so that each grid row is one class.
     order = torch.argsort(labels, stable=True)
     save_png(grid(images[order], rows=min(k, num_images)), out / "grid.png")
@@ -104,6 +122,7 @@ def evaluate(run_dir: str | Path, num_samples: int | None = None, reference: str
     reference = reference or ec.reference or cfg.data.source
     split = split or ec.split
     model, meta = load_trained(run_dir, "ema", device)
+    out = writable_directory(Path(run_dir) / "eval", RunError)
     t0 = time.perf_counter()
     images = generate(model, balanced_labels(num_samples, len(meta["class_names"])), range(num_samples),
                       sc.seed, sc.steps, sc.sampler, sc.cfg_scale, sc.batch_size, precision=sc.precision)
@@ -113,8 +132,6 @@ def evaluate(run_dir: str | Path, num_samples: int | None = None, reference: str
                    kid_subset_size=ec.kid_subset_size)
     result.update(sampling_s=sampling_s, scoring_s=time.perf_counter() - t0, sampler=sc.sampler,
                   sampler_steps=sc.steps, cfg_scale=sc.cfg_scale, run=str(run_dir), step=meta["step"])
-    out = Path(run_dir) / "eval"
-    out.mkdir(exist_ok=True)
     tmp = out / f".fid-{num_samples}.json.tmp{os.getpid()}"
     tmp.write_text(json.dumps(result, indent=2))
     os.replace(tmp, out / f"fid-{num_samples}.json")

@@ -9,11 +9,13 @@ from pathlib import Path
 
 import torch
 
+from genfoundry.errors import GenfoundryError
+
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^step-(\d{9})\.pt$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(GenfoundryError):
     """A checkpoint that cannot be used; the message says which and why."""
 
 

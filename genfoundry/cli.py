@@ -7,6 +7,7 @@ import os
 import sys
 
 from genfoundry import config as config_lib
+from genfoundry.errors import GenfoundryError
 
 OVERRIDE_HELP = ("config overrides as --section.key=value (e.g. --train.lr=3e-4 --run.name=exp1); "
                  "sections: run, data, model, diffusion, train, parallel, sample, eval")
@@ -135,10 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def launch_torchrun(nproc: int, argv: list[str]) -> int:
     """Re-runs this command under torchrun with `nproc` processes on this machine."""
+    from genfoundry.distributed.launch import torchrun_command
+
     args = [a for i, a in enumerate(argv) if not (a.startswith("--nproc") or (i and argv[i - 1] == "--nproc"))]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "genfoundry", *args]
-    os.execv(sys.executable, command)
+    os.execv(sys.executable, torchrun_command(nproc, "genfoundry", args))
     return 0  # not reached
 
 
@@ -170,10 +171,11 @@ def main(argv: list[str] | None = None) -> int:
             run_compression(args.nproc, args.config, rest, args.out, args.method or METHODS, args.workdir)
             return 0
         if args.command == "bench" and args.bench == "comm":
-            command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                       f"--nproc-per-node={args.nproc}", "-m", "genfoundry.bench.comm", "--iters", str(args.iters),
-                       *(["--sizes", *map(str, args.sizes)] if args.sizes else []),
-                       *(["--out", args.out] if args.out else []), *rest]
+            from genfoundry.distributed.launch import torchrun_command
+
+            command = torchrun_command(args.nproc, "genfoundry.bench.comm", [
+                "--iters", str(args.iters), *(["--sizes", *map(str, args.sizes)] if args.sizes else []),
+                *(["--out", args.out] if args.out else []), *rest])
             os.execv(sys.executable, command)
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -204,17 +206,16 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "eval":
             api.evaluate(args.run_dir, args.num_samples, args.reference, args.split, args.device)
         return 0
-    except (ValueError, FileNotFoundError) as e:  # user mistakes carry a one-line message
+    except GenfoundryError as e:  # a user mistake: its one-line message, no traceback
         print(f"genfoundry {args.command}: error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
-        from genfoundry.distributed.parallel import is_peer_failure
+        from genfoundry.distributed.parallel import PeerLostError
 
-        if args.command != "train" or not is_peer_failure(e):
+        if not isinstance(e, PeerLostError):
             raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"genfoundry {args.command}: error: lost contact with another rank ({type(e).__name__}: {first}); "
-              f"run the same command again to resume from the last checkpoint", file=sys.stderr)
+        print(f"genfoundry {args.command}: error: {e}; run the same command again to resume from the last "
+              f"checkpoint", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"genfoundry {args.command}: interrupted; run the same command again to resume", file=sys.stderr)

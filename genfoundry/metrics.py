@@ -7,34 +7,69 @@ import math
 import time
 from collections import defaultdict
 from pathlib import Path
+import zlib
 
 import torch
 
+from genfoundry import accel
+
 FORMAT_VERSION = 1
 
-_sums: dict[str, float] = defaultdict(float)
+# name -> running sum (a device tensor where the values were tensors, so nothing waits for the device)
+_sums: dict[str, torch.Tensor | float] = {}
 _counts: dict[str, int] = defaultdict(int)
 
 
 def report(name: str, value) -> None:
-    """Adds a value to the running mean of `name` for the current interval."""
+    """Adds a value to the running mean of `name` for the current interval.
+
+    A tensor stays on its device and is added there: reporting never waits for the accelerator. The
+    values are read once per interval, in `collect`.
+    """
     if isinstance(value, torch.Tensor):
-        value = value.detach().float().mean().item()
-    _sums[name] += float(value)
+        value = value.detach().float().mean()
+    else:
+        value = float(value)
+    _sums[name] = _sums[name] + value if name in _sums else value
     _counts[name] += 1
 
 
 def collect() -> dict[str, float]:
-    """Means since the last collect, averaged across ranks when torch.distributed is running."""
+    """Means since the last collect; in a process group, over every value any rank reported.
+
+    One all-reduce of the sums and counts on the device the communication backend takes (after a
+    two-number check that all ranks report the same names; where they do not, the names are
+    gathered first). Every rank must call it at the same point.
+    """
     names = sorted(_sums)
-    means = {n: _sums[n] / _counts[n] for n in names}
+    sums, counts = dict(_sums), dict(_counts)
     _sums.clear()
     _counts.clear()
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and names:
-        values = torch.tensor([means[n] for n in names], dtype=torch.float64)
-        torch.distributed.all_reduce(values)
-        means = dict(zip(names, (values / torch.distributed.get_world_size()).tolist()))
-    return means
+    if accel.distributed():
+        names = _agreed_names(names)
+        device = accel.comm_device()
+    else:
+        device = next((v.device for v in sums.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
+    if not names:
+        return {}
+    sums_vector = torch.stack([sums[n].to(device, torch.float64) if isinstance(sums.get(n), torch.Tensor) else
+                               torch.tensor(float(sums.get(n, 0.0)), dtype=torch.float64, device=device)
+                               for n in names])
+    count_vector = torch.tensor([float(counts.get(n, 0)) for n in names], dtype=torch.float64, device=device)
+    totals = accel.all_reduce(torch.cat([sums_vector, count_vector])).tolist()  # the one host sync
+    k = len(names)
+    return {n: totals[i] / totals[k + i] if totals[k + i] else math.nan for i, n in enumerate(names)}
+
+
+def _agreed_names(names: list[str]) -> list[str]:
+    """The names every rank reports: this rank's when all agree (checked by a checksum), else their union."""
+    check = zlib.crc32("\0".join(names).encode())
+    seen = accel.all_reduce(torch.tensor([check, -check], dtype=torch.float64, device=accel.comm_device()), "max")
+    if seen[0].item() == -seen[1].item():  # max == min: the same names everywhere
+        return names
+    gathered = [None] * accel.world_size()
+    torch.distributed.all_gather_object(gathered, names)
+    return sorted(set().union(*gathered))
 
 
 class JsonlSink:

@@ -1,4 +1,4 @@
-"""Runs a function on N real processes joined by a gloo process group, with a hard time limit."""
+"""Runs a function on N real processes joined by a gloo (or NCCL) process group, with a hard time limit."""
 
 from __future__ import annotations
 
@@ -16,13 +16,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank, fn, world_size, port, args):
+def _entry(rank, fn, world_size, port, backend, args):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1")
     import torch
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    if backend == "nccl":  # as the trainer joins: one GPU per rank, the communicator made at once
+        torch.cuda.set_device(rank)
+        dist.init_process_group("nccl", rank=rank, world_size=world_size, device_id=torch.device("cuda", rank))
+    else:
+        dist.init_process_group(backend, rank=rank, world_size=world_size)
     try:
         fn(rank, world_size, *args)
     finally:
@@ -32,12 +36,13 @@ def _entry(rank, fn, world_size, port, args):
         dist.destroy_process_group()
 
 
-def run_ranks(fn, world_size: int, *args, timeout: float = 120.0) -> None:
-    """Calls fn(rank, world_size, *args) in world_size spawned processes; raises if any fails or the time runs out.
+def run_ranks(fn, world_size: int, *args, timeout: float = 120.0, backend: str = "gloo") -> None:
+    """Calls fn(rank, world_size, *args) in world_size spawned processes joined by a `backend` process
+    group; raises if any fails or the time runs out.
 
     fn must be a module-level function (it is pickled). Results travel through files the caller names in args.
     """
-    ctx = mp.start_processes(_entry, args=(fn, world_size, free_port(), args), nprocs=world_size, join=False,
+    ctx = mp.start_processes(_entry, args=(fn, world_size, free_port(), backend, args), nprocs=world_size, join=False,
                              start_method="spawn")
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):

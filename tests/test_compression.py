@@ -39,6 +39,19 @@ def test_error_feedback_keeps_every_bit(dtype):
 
 
 @pytest.mark.timeout(30)
+def test_residuals_are_kept_unscaled_whatever_the_loss_scale():
+    """fp16 gradients arrive multiplied by the loss scale: the residual must not carry it, or a halved
+    scale would weight the held-back gradient twice as much as the new one."""
+    gen = torch.Generator().manual_seed(1)
+    grad, residual = torch.randn(500, generator=gen), torch.randn(500, generator=gen) * 0.1
+    plain = compression.select_topk(grad, residual, k=25)
+    for scale in (2.0**16, 2.0**-3):
+        indices, values, new_residual = compression.select_topk(grad * scale, residual, k=25, scale=scale)
+        assert torch.equal(indices, plain[0]) and torch.equal(new_residual, plain[2])
+        assert torch.equal(values, plain[1] * scale)  # sent as the gradient came: scaled
+
+
+@pytest.mark.timeout(30)
 def test_density_schedule_is_dense_then_geometric():
     state = compression.TopKState(ratio=0.01, warmup_steps=4, start_density=0.25, dense_steps=2)
     densities = [state.density(step) for step in range(8)]

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from genfoundry import accel
+from genfoundry.errors import ConfigError
 
 
 def init_process_group(device: torch.device, timeout_s: float) -> bool:
@@ -33,23 +34,100 @@ def init_process_group(device: torch.device, timeout_s: float) -> bool:
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     kwargs = {"device_id": device} if device.type == "cuda" else {}
     dist.init_process_group(accel.comm_backend(device), timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    start_heartbeat()
     return True
 
 
-# What gloo and NCCL say when a peer died or a collective outlived the timeout (they raise plain
-# RuntimeErrors as often as torch.distributed.DistError).
-_PEER_FAILURE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "timed out", "Timed out",
-                 "NCCL communicator was aborted", "ProcessGroupNCCL", "ProcessGroupGloo")
+# ---- telling a lost peer from a bug -------------------------------------------------------------
+# gloo reports a dead peer as a plain RuntimeError ("Connection reset by peer"), the same type as a
+# shape mismatch, so the error alone cannot say which it is. Each rank instead stamps a counter in the
+# process group's store every second from a daemon thread; after an error, a rank whose counter stops
+# moving (or a store that no longer answers: it lived in a rank that died) is a lost peer.
+
+HEARTBEAT_S = 1.0
+_heartbeat: dict = {}
 
 
-def is_peer_failure(error: BaseException) -> bool:
-    """True for the errors a rank sees when another rank died or stopped answering."""
-    if isinstance(error, dist.DistError):
-        return True
-    return isinstance(error, RuntimeError) and any(s in str(error) for s in _PEER_FAILURE)
+def _store():
+    return dist.distributed_c10d._get_default_store()
+
+
+def start_heartbeat() -> None:
+    """Starts this rank's stamping (once per process group)."""
+    import threading
+
+    if _heartbeat or accel.world_size() <= 1:
+        return
+    store, key, stop = _store(), f"genfoundry/alive/{accel.rank()}", threading.Event()
+    store.add(key, 1)  # every rank's key exists before training starts
+
+    def stamp():
+        while not stop.wait(HEARTBEAT_S):
+            try:
+                store.add(key, 1)
+            except Exception:  # noqa: BLE001 - the store went with a dead rank; peers will notice
+                return
+
+    thread = threading.Thread(target=stamp, name="genfoundry-heartbeat", daemon=True)
+    thread.start()
+    _heartbeat.update(stop=stop, thread=thread, store=store, world=accel.world_size(), rank=accel.rank())
+
+
+def stop_heartbeat() -> None:
+    if _heartbeat:
+        _heartbeat["stop"].set()
+        _heartbeat["thread"].join(timeout=5)
+        _heartbeat.clear()
+
+
+def lost_peers(wait_s: float = 3 * HEARTBEAT_S) -> list[int] | None:
+    """Ranks that stopped stamping within `wait_s`; None when the store itself is gone (it was hosted
+    by a rank that died); [] when every peer is alive or there is no heartbeat."""
+    import time
+
+    if not _heartbeat:
+        return []
+    store, me = _heartbeat["store"], _heartbeat["rank"]
+    peers = [r for r in range(_heartbeat["world"]) if r != me]
+    try:
+        before = {r: store.add(f"genfoundry/alive/{r}", 0) for r in peers}
+        time.sleep(wait_s)
+        after = {r: store.add(f"genfoundry/alive/{r}", 0) for r in peers}
+    except Exception:  # noqa: BLE001 - any failure to reach the store means its host is gone
+        return None
+    return [r for r in peers if after[r] == before[r]]
+
+
+class PeerLostError(RuntimeError):
+    """This rank lost another one (it died, or its communication failed); the message says which.
+    The same command resumes the run from its last checkpoint."""
+
+
+def peer_failure(error: BaseException) -> str | None:
+    """Why `error` means this rank lost another one (a line to print), or None when it does not
+    (then it is a bug and keeps its traceback).
+
+    torch.distributed's own error types (DistError: backend, network and store errors, such as an
+    aborted NCCL communicator or a collective past `parallel.timeout_s`) are communication failures
+    by type. Any other RuntimeError during a distributed run counts only if the heartbeat shows a
+    peer gone."""
+    if not isinstance(error, RuntimeError) or not (_heartbeat or accel.distributed()):
+        return None
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    lost = lost_peers()
+    if lost is None:
+        who = "rank 0, which held the process group's store"
+    elif lost:
+        who = "rank " + ", ".join(map(str, lost))
+    elif isinstance(error, dist.DistError):
+        who = "another rank"
+    else:
+        return None
+    return f"lost contact with {who} ({type(error).__name__}: {first})"
 
 
 def destroy_process_group() -> None:
+    stop_heartbeat()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -66,7 +144,7 @@ def split_global_batch(global_batch: int, world: int, micro: int) -> int:
     """Accumulation steps such that global = micro x accumulation x world, or one clear error."""
     if global_batch % (micro * world):
         near = nearest_multiples(global_batch, micro * world)
-        raise ValueError(f"train.global_batch_size {global_batch} is not micro-batch {micro} x accumulation x "
+        raise ConfigError(f"train.global_batch_size {global_batch} is not micro-batch {micro} x accumulation x "
                          f"{world} ranks for any accumulation; nearest valid global batch sizes: "
                          f"{' or '.join(map(str, near))}")
     return global_batch // (micro * world)
@@ -76,7 +154,7 @@ def micro_batch_candidates(global_batch: int, world: int, limit: int = 0) -> lis
     """Micro-batch sizes that split a rank's share of the global batch exactly, largest first."""
     if global_batch % world:
         near = nearest_multiples(global_batch, world)
-        raise ValueError(f"train.global_batch_size {global_batch} does not split over {world} ranks; nearest "
+        raise ConfigError(f"train.global_batch_size {global_batch} does not split over {world} ranks; nearest "
                          f"valid global batch sizes: {' or '.join(map(str, near))}")
     per_rank = global_batch // world
     return [m for m in range(per_rank, 0, -1) if per_rank % m == 0 and (not limit or m <= limit)]
@@ -100,14 +178,10 @@ def find_micro_batch(try_micro, candidates: list[int], device: torch.device, pri
             i = next((j for j in range(i + 1, len(candidates)) if candidates[j] <= m // 2), len(candidates) - 1) \
                 if m > 1 else len(candidates)
     if chosen is None:
-        raise ValueError("even a micro-batch of 1 does not fit in accelerator memory; use a smaller model, "
+        raise ConfigError("even a micro-batch of 1 does not fit in accelerator memory; use a smaller model, "
                          "parallel.activation_checkpointing=true or parallel.strategy=fsdp")
     _free_memory(device)
-    if dist.is_available() and dist.is_initialized():
-        agreed = torch.tensor([chosen], device=device if device.type != "cpu" else "cpu")
-        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
-        chosen = int(agreed.item())
-    return chosen
+    return int(accel.all_reduce(torch.tensor([chosen]), "min").item())
 
 
 def _free_memory(device: torch.device) -> None:
@@ -162,11 +236,11 @@ def parallelize(model: nn.Module, cfg, device: torch.device) -> nn.Module:
             block.compile()
     if strategy == "none":
         if cfg.comm_hook != "none":
-            raise ValueError(f"parallel.comm_hook={cfg.comm_hook} needs DDP on several ranks; this run has "
+            raise ConfigError(f"parallel.comm_hook={cfg.comm_hook} needs DDP on several ranks; this run has "
                              f"{world} rank(s) and strategy '{strategy}'")
         return model
-    if world == 1 and strategy != "ddp":
-        raise ValueError(f"parallel.strategy={strategy} needs several ranks; launch with torchrun or --nproc")
+    if not accel.distributed():
+        raise ConfigError(f"parallel.strategy={strategy} needs a process group; launch with torchrun or --nproc")
     if strategy == "ddp":
         return _ddp(model, cfg, device)
     return _fsdp(model, blocks, cfg, device, world, strategy)
@@ -201,12 +275,12 @@ def _fsdp(model: nn.Module, blocks: list[nn.Module], cfg, device: torch.device, 
     if strategy == "hsdp":
         replicate = cfg.replicate or max(1, world // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
         if world % replicate:
-            raise ValueError(f"parallel.replicate={replicate} does not divide the {world} ranks")
+            raise ConfigError(f"parallel.replicate={replicate} does not divide the {world} ranks")
         mesh = init_device_mesh(device.type, (replicate, world // replicate), mesh_dim_names=("replicate", "shard"))
     else:
         mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("shard",))
     if cfg.comm_hook == "torus":
-        raise ValueError("parallel.comm_hook=torus replaces DDP's all-reduce; FSDP2 reduce-scatters instead. "
+        raise ConfigError("parallel.comm_hook=torus replaces DDP's all-reduce; FSDP2 reduce-scatters instead. "
                          "Use parallel.strategy=ddp with it")
     if cfg.comm_hook != "none":
         from genfoundry.distributed import compression

@@ -27,7 +27,8 @@ import math
 import torch
 import torch.distributed as dist
 
-from genfoundry.distributed.compression import allgather_bytes, allreduce_bytes
+from genfoundry.distributed.compression import HookState, allgather_bytes, allreduce_bytes
+from genfoundry.errors import ConfigError
 
 # torch 2.13 renamed these collectives; 2.11 has only the old names.
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -55,7 +56,7 @@ def grid_shape(world: int, rows: int | None = None, cols: int | None = None) -> 
     if rows < 1 or cols < 1 or rows * cols != world:
         given = f"{rows if rows else '?'} x {cols if cols else '?'}"
         suggestion = " x ".join(map(str, near_square(world)))
-        raise ValueError(f"a torus grid of rows x cols ranks must hold all {world} ranks; {given} does not "
+        raise ConfigError(f"a torus grid of rows x cols ranks must hold all {world} ranks; {given} does not "
                          f"(rows * cols must equal the world size; near-square for {world}: {suggestion})")
     return rows, cols
 
@@ -169,7 +170,7 @@ def torus_bytes(numel: int, itemsize: int, groups: TorusGroups, emulated: bool =
 # ---- the DDP communication hook ------------------------------------------------------------------
 
 
-class TorusState:
+class TorusState(HookState):
     """What the torus hook keeps: the grid's groups, and `bytes_sent`, the bytes this rank has sent
     for gradients so far (cumulative; `torus_bytes` per bucket)."""
 

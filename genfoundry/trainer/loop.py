@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from genfoundry import accel, checkpoint
+from genfoundry import accel, checkpoint, seeding
 from genfoundry import config as config_lib
 from genfoundry import metrics
 from genfoundry.config import Config, ConfigError
@@ -27,6 +27,7 @@ from genfoundry.models import build_model
 from genfoundry.trainer.precision import DynamicLossScaler
 
 FORMAT_VERSION = 1
+VALIDATION_STREAM = 7919  # the word that sets the validation noise apart from every other seed of a run
 
 
 def run_dir_of(cfg: Config) -> Path:
@@ -46,8 +47,7 @@ class Trainer:
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         self.distributed = parallel.init_process_group(self.device, cfg.parallel.timeout_s)
-        self.rank = torch.distributed.get_rank() if self.distributed else 0
-        self.world = torch.distributed.get_world_size() if self.distributed else 1
+        self.rank, self.world = accel.rank(), accel.world_size()
         self.print = print_fn if self.rank == 0 else (lambda *a, **k: None)
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
         tc = cfg.train
@@ -145,6 +145,9 @@ class Trainer:
             "data": self.loader.state_dict(),
             "rng": accel.rng_states(self.device),
             "config_hash": config_lib.config_hash(self.cfg),
+            # which per-rank files sit beside the bundle: the hook that wrote them, on how many ranks
+            "rank_states": {"comm_hook": self.cfg.parallel.comm_hook, "world_size": self.world}
+            if hasattr(self.comm_state, "state_dict") else {},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -172,26 +175,61 @@ class Trainer:
         self.overflow_streak = state["overflow_streak"]
         self.loader.load_state_dict(state["data"])
         accel.set_rng_states(self.device, state["rng"])
-        self.load_comm_state()
 
-    def load_comm_state(self) -> None:
-        """This rank's communication-hook state of the resumed step; on another world size the
-        per-rank residuals have no owner, so only the schedule (its step) carries over."""
+    def load_comm_state(self, saved: dict | None, written: dict) -> None:
+        """This rank's communication-hook state of the resumed step. On another number of ranks the
+        per-rank part has no owner: only what survives that carries over (`resume_schedule`)."""
         if not hasattr(self.comm_state, "load_state_dict"):
             return
-        directory = self.run_dir / "checkpoints"
-        saved = checkpoint.load_rank_state(directory, self.step, self.rank) or \
-            checkpoint.load_rank_state(directory, self.step, 0)
         if saved is None:
-            self.print("warning: no communication-hook state for this step; its schedule restarts")
+            before = written.get("comm_hook", "none")
+            self.print(f"the checkpoint holds no state of parallel.comm_hook={self.cfg.parallel.comm_hook} (it was "
+                       f"written with comm_hook={before}); the hook starts afresh")
             return
-        if saved["world_size"] != self.world:
-            self.comm_state.step = saved["step"]
-            self.print(f"communication-hook residuals were saved on {saved['world_size']} ranks; they restart at zero")
-            return
-        self.comm_state.load_state_dict({k: v for k, v in saved.items() if k not in ("world_size", "format_version")})
+        if written["world_size"] != self.world:
+            note = self.comm_state.resume_schedule(saved)
+            self.print(f"the checkpoint was written on {written['world_size']} ranks, this run has {self.world}: {note}")
+        else:
+            self.comm_state.load_state_dict({k: v for k, v in saved.items() if k != "format_version"})
         self._comm_bytes = self.comm_state.bytes_sent
         self._dense_bytes = getattr(self.comm_state, "dense_bytes", 0)
+
+    def load_agreed_checkpoint(self) -> tuple[dict, dict | None] | None:
+        """Rank 0 picks the newest checkpoint that loads and every rank loads that one step, with its
+        own per-rank file where the hook needs one; all ranks resume, or all stop with the reason.
+
+        Ranks that chose for themselves could resume at different steps (a node-local run directory,
+        a network filesystem that lags)."""
+        directory = self.run_dir / "checkpoints"
+        newest = checkpoint.load_latest(directory) if self.rank == 0 else None
+        step = accel.broadcast_int(newest["step"] if newest is not None else -1)
+        if step < 0:
+            return None
+        state = saved = error = None
+        try:
+            state = newest if self.rank == 0 else checkpoint.load(checkpoint.checkpoint_path(directory, step))
+            if state["step"] != step:
+                raise checkpoint.CheckpointError(f"{checkpoint.checkpoint_path(directory, step)} holds step "
+                                                 f"{state['step']}, not {step}")
+            written = state.get("rank_states") or {}
+            if hasattr(self.comm_state, "load_state_dict") and written.get("comm_hook") == self.cfg.parallel.comm_hook:
+                owner = self.rank if written["world_size"] == self.world else 0
+                saved = checkpoint.load_rank_state(directory, step, owner)
+                if saved is None:
+                    raise checkpoint.CheckpointError(
+                        f"{checkpoint.rank_state_path(directory, step, owner)} is missing: step {step} was saved "
+                        f"with per-rank {written['comm_hook']} state on {written['world_size']} ranks, and rank "
+                        f"{self.rank} needs that file")
+        except checkpoint.CheckpointError as e:
+            error = e
+        failed = int(accel.all_reduce(torch.tensor([0 if error is None else 1])).item())
+        if error is not None:
+            raise checkpoint.CheckpointError(f"rank {self.rank} cannot resume from step {step}, which rank 0 "
+                                             f"chose: {error}. Every rank must see the same run directory")
+        if failed:
+            raise checkpoint.CheckpointError(f"{failed} rank(s) cannot resume from step {step}, which rank 0 "
+                                             f"chose (their messages say why)")
+        return state, saved
 
     def prepare_run_dir(self) -> None:
         """Creates the run directory, or checks that it belongs to this config and resumes from it."""
@@ -204,12 +242,17 @@ class Trainer:
                                   f"{', '.join(changed)}; choose another --run.name to start a new run")
         self.barrier()  # nobody reads config.toml after rank 0 starts rewriting it
         if self.rank == 0:
-            (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
-            saved.write_text(config_lib.dumps(self.cfg))
+            try:
+                (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
+                saved.write_text(config_lib.dumps(self.cfg))
+            except OSError as e:
+                raise ConfigError(f"cannot write the run directory '{self.run_dir}': {e.strerror or e}") from None
         self.barrier()
-        state = checkpoint.load_latest(self.run_dir / "checkpoints", map_location="cpu")
-        if state is not None:
+        agreed = self.load_agreed_checkpoint()
+        if agreed is not None:
+            state, saved = agreed
             self.load_state_dict(state)
+            self.load_comm_state(saved, state.get("rank_states") or {})
             self.print(f"resumed from step {self.step} ({self.images_seen} images seen)")
 
     def barrier(self) -> None:
@@ -255,7 +298,7 @@ class Trainer:
     def noise_keys(self, micro: int) -> torch.Tensor:
         """Seeds of the samples of one micro-batch: (run seed, step, position in the global batch)."""
         first = chunk_index(self.rank, self.world, micro) * self.micro_batch
-        base = ((self.cfg.run.seed * 1_000_003 + self.step) * 1_000_003 + first) % 2**62
+        base = seeding.mix(self.cfg.run.seed, self.step) % 2**62 + first
         return torch.arange(base, base + self.micro_batch, dtype=torch.int64, device=self.device)
 
     def train_step(self) -> None:
@@ -265,6 +308,8 @@ class Trainer:
         tc = self.cfg.train
         self.optimizer.zero_grad(set_to_none=True)
         scale = self.scaler.scale if self.scaler else 1.0
+        if self.comm_state is not None:  # the hook sees gradients times `scale`; a skipped step is undone
+            self.comm_state.begin_step(scale, may_skip=self.scaler is not None)
         for micro in range(self.accumulation):
             x, y = self.loader.next_batch()
             y = y.clamp(min=0)  # unlabelled samples (-1) share class 0
@@ -276,6 +321,8 @@ class Trainer:
             metrics.report("loss", loss.detach())
         params = list(self.model.parameters())
         finite = self.unscale_and_check(params) if self.scaler else True
+        if self.comm_state is not None:
+            self.comm_state.finish_step(applied=finite)
         if finite:
             clip = tc.grad_clip if tc.grad_clip > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
@@ -307,9 +354,7 @@ class Trainer:
         grads = [_local(p.grad) for p in params if p.grad is not None]
         finite = self.scaler.unscale_and_check(grads) if grads else True
         if self.distributed:
-            flag = torch.tensor([1.0 if finite else 0.0], device=self.device if self.device.type != "cpu" else "cpu")
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-            finite = bool(flag.item())
+            finite = bool(accel.all_reduce(torch.tensor([1.0 if finite else 0.0]), "min").item())
         return finite
 
     def fall_back_to_fp32(self) -> None:
@@ -350,7 +395,7 @@ class Trainer:
     def _make_validation_batch(self) -> None:
         """The same held-out images, times and noise at every validation, so the curve is comparable."""
         x = torch.from_numpy(self.data.val_images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-        gen = torch.Generator().manual_seed(self.cfg.run.seed + 7919)
+        gen = torch.Generator().manual_seed(seeding.mix(self.cfg.run.seed, VALIDATION_STREAM))
         t, eps, _ = self.objective.draw(x, gen)  # times as diffusion.time_sampling says, as in training
         self.val_batch = tuple(v.to(self.device) for v in (x, torch.from_numpy(self.data.val_labels), t, eps))
 
