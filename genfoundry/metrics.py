@@ -52,10 +52,11 @@ def collect() -> dict[str, float]:
         device = next((v.device for v in sums.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
     if not names:
         return {}
-    sums_vector = torch.stack([sums[n].to(device, torch.float64) if isinstance(sums.get(n), torch.Tensor) else
-                               torch.tensor(float(sums.get(n, 0.0)), dtype=torch.float64, device=device)
+    dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+    sums_vector = torch.stack([sums[n].to(device, dtype) if isinstance(sums.get(n), torch.Tensor) else
+                               torch.tensor(float(sums.get(n, 0.0)), dtype=dtype, device=device)
                                for n in names])
-    count_vector = torch.tensor([float(counts.get(n, 0)) for n in names], dtype=torch.float64, device=device)
+    count_vector = torch.tensor([float(counts.get(n, 0)) for n in names], dtype=dtype, device=device)
     totals = accel.all_reduce(torch.cat([sums_vector, count_vector])).tolist()  # the one host sync
     k = len(names)
     return {n: totals[i] / totals[k + i] if totals[k + i] else math.nan for i, n in enumerate(names)}

@@ -195,8 +195,49 @@ def powersgd_run(rank):
     return {"counts": counts, "params": params}
 
 
+def skipped_steps(rank):
+    """An fp16-style step that overflows on rank 1 only, skipped by both ranks (as the trainer agrees):
+    top-k restores the residuals and schedule it had before; PowerSGD clears its error feedback and Q."""
+    out = {}
+    for method, options in (("topk", {"ratio": 0.05, "warmup_steps": 0, "dense_steps": 0}),
+                            ("powersgd", {"matrix_rank": 2, "dense_steps": 2})):
+        torch.manual_seed(0)
+        ddp = DDP(nn.Linear(64, 64))
+        state = compression.register(ddp, method, **options)
+        gen = torch.Generator().manual_seed(rank)
+
+        def step(scale, overflow=False):
+            state.begin_step(scale, may_skip=True)
+            ddp.zero_grad()
+            loss = ddp(torch.randn(16, 64, generator=gen)).square().mean() * scale
+            (loss * (float("inf") if overflow else 1.0)).backward()
+            flag = torch.tensor([float(all(torch.isfinite(p.grad).all() for p in ddp.parameters()))])
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            state.finish_step(applied=bool(flag.item()))
+            return bool(flag.item())
+
+        for _ in range(3):
+            assert step(1024.0)
+        if method == "topk":
+            before = {k: v.clone() for k, v in state.residuals.items()}, state.step
+            out["topk_skipped"] = not step(1024.0, overflow=rank == 1)
+            out["topk_restored"] = (all(torch.equal(before[0][k], v) for k, v in state.residuals.items())
+                                    and state.step == before[1] and state.residuals.keys() == before[0].keys())
+        else:
+            iter_before = state.iter
+            out["powersgd_had_memory"] = bool(state.error_dict) and bool(state.q_memory_dict)
+            out["powersgd_skipped"] = not step(1024.0, overflow=rank == 1)
+            out["powersgd_cleared"] = (not state.error_dict and not state.q_memory_dict and state.draws == 1
+                                       and state.iter == iter_before)
+        out[f"{method}_then_finite"] = step(512.0) and all(
+            torch.isfinite(v).all() for v in (state.residuals.values() if method == "topk"
+                                              else state.error_dict.values()))
+    return out
+
+
 def all_scenarios(rank, world, out_dir):
-    torch.save({"same_as_plain_ddp": same_as_plain_ddp(rank),
+    torch.save({"skipped_steps": skipped_steps(rank),
+                "same_as_plain_ddp": same_as_plain_ddp(rank),
                 "error_feedback": error_feedback_over_steps(rank),
                 "error_feedback_bf16": error_feedback_over_steps(rank, steps=(25,), dtype=torch.bfloat16),
                 "accumulation": accumulation(rank),
@@ -221,6 +262,15 @@ def increments(counts):
         result.append((sent - previous[0], dense - previous[1]))
         previous = (sent, dense)
     return result
+
+
+@pytest.mark.timeout(120)
+def test_a_skipped_step_leaves_no_inf_in_the_error_feedback(ranks):
+    for r in ranks:
+        got = r["skipped_steps"]
+        assert got["topk_skipped"] and got["topk_restored"] and got["topk_then_finite"], got
+        assert got["powersgd_had_memory"] and got["powersgd_skipped"] and got["powersgd_cleared"], got
+        assert got["powersgd_then_finite"], got
 
 
 @pytest.mark.timeout(120)

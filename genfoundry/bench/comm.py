@@ -54,7 +54,7 @@ def forced_algorithm_group(algo: str, device: torch.device):
     previous = os.environ.get("NCCL_ALGO")
     os.environ["NCCL_ALGO"] = algo
     try:
-        group = dist.new_group(list(range(dist.get_world_size())))
+        group = dist.new_group(list(range(accel.world_size())))
         dist.all_reduce(torch.zeros(1, device=device), group=group)  # creates the communicator now
         return group
     except (RuntimeError, dist.DistError):
@@ -69,7 +69,7 @@ def forced_algorithm_group(algo: str, device: torch.device):
 def candidates(device: torch.device, backend: str) -> dict:
     """name -> function all-reducing a tensor in place, for every algorithm timed at this world size."""
     ops = {"flat": lambda x: dist.all_reduce(x)}
-    for rows, cols in costmodel.torus_shapes(dist.get_world_size()):
+    for rows, cols in costmodel.torus_shapes(accel.world_size()):
         groups = torus.torus_groups(rows, cols)
         ops[costmodel.torus_name(rows, cols)] = lambda x, g=groups: torus.torus_all_reduce(x, g)
     if backend == "nccl":
@@ -143,8 +143,8 @@ def run(sizes: list[int] | None = None, iters: int = 20, out: str | None = None,
     dev = accel.get_device(device)
     if not parallel.init_process_group(dev, 600):
         raise SystemExit("the communication benchmark needs several ranks: launch it with torchrun --nproc-per-node=N")
-    world, backend = dist.get_world_size(), accel.comm_backend(dev)
-    say = print if dist.get_rank() == 0 else (lambda *a, **k: None)
+    world, backend = accel.world_size(), accel.comm_backend(dev)
+    say = print if accel.rank() == 0 else (lambda *a, **k: None)
     say(f"all-reduce on {world} ranks, {backend} on {accel.device_name(dev)}, torch {torch.__version__}; "
         f"fp32, {iters} timed calls per size after {warmup}")
     if backend == "gloo":
@@ -165,7 +165,7 @@ def run(sizes: list[int] | None = None, iters: int = 20, out: str | None = None,
               "timings_s": {name: {str(n): t for n, t in per.items()} for name, per in timings.items()},
               "fit": None if params is None else {"alpha_s": params.alpha, "beta_s_per_byte": params.beta},
               "choices": choices, "simulation": simulation}
-    if out and dist.get_rank() == 0:
+    if out and accel.rank() == 0:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(result, indent=2))
     parallel.destroy_process_group()

@@ -296,18 +296,21 @@ class PowerSGDCompression(PowerSGDState, HookState):
         self.error_scale = 1.0  # error_dict holds errors multiplied by this (the loss scale they came with)
         self.seed = int(self.rng.randint(2**31))  # PowerSGDState's own generator, seeded by random_seed
         self.draws = 0  # times Q was drawn afresh (after a skipped step)
+        self._iter_before = 0
 
     # -- the trainer's protocol
 
     def begin_step(self, grad_scale: float = 1.0, may_skip: bool = False) -> None:
         super().begin_step(grad_scale, may_skip)
+        self._iter_before = self.iter
         if self.grad_scale != self.error_scale:  # the loss scale moved: keep the errors' true size
             for error in self.error_dict.values():
                 error.mul_(self.grad_scale / self.error_scale)
             self.error_scale = self.grad_scale
 
     def finish_step(self, applied: bool) -> None:
-        """A skipped step put inf or NaN into the error feedback and Q: zero the one, redraw the other."""
+        """A skipped step put inf or NaN into the error feedback and Q: zero the one, redraw the other;
+        the schedule stays where it was before the step, as top-k's does."""
         if applied or not self.may_skip:
             return
         for memory in (self.error_dict, self.p_memory_dict, self.q_memory_dict):
@@ -315,6 +318,7 @@ class PowerSGDCompression(PowerSGDState, HookState):
         self.layouts.clear()  # the next step lays every bucket out again, with new Q
         self.loose.clear()
         self.draws += 1
+        self.iter = self._iter_before
 
     def state_dict(self) -> dict:
         per_parameter = {pos: dict(entry) for pos, entry in self.loose.items()}
@@ -400,11 +404,15 @@ class PowerSGDCompression(PowerSGDState, HookState):
         by_position = dict(zip(layout, entries))
         order = self._q_order(layout)
         if order:  # PowerSGD orthogonalises Q before each use
-            self.q_memory_dict[index] = torch.cat([
-                (by_position[position]["q"] if by_position[position]["q"] is not None else self._fresh_q(position))
-                .to(like.device, like.dtype) for position in order])
+            self.q_memory_dict[index] = torch.cat([self._saved_or_fresh_q(position, by_position[position]["q"])
+                                                   .to(like.device, like.dtype) for position in order])
             p_size = sum(self._compressed(position)[0] * self._compressed(position)[2] for position in order)
             self.p_memory_dict[index] = torch.empty(p_size, device=like.device, dtype=like.dtype)
+
+    def _saved_or_fresh_q(self, position: int, saved: torch.Tensor | None) -> torch.Tensor:
+        """A saved Q where it has this run's shape (m x rank: parallel.powersgd_rank may have changed), else fresh."""
+        _, m, rank = self._compressed(position)
+        return saved if saved is not None and saved.numel() == m * rank else self._fresh_q(position)
 
     def _fresh_q(self, position: int) -> torch.Tensor:
         """Standard normals for a parameter's Q (m x rank, flat), a function of seed, draws and position."""

@@ -26,7 +26,9 @@ def init_process_group(device: torch.device, timeout_s: float) -> bool:
     of waiting for the default 10-30 minutes.
     """
     if accel.world_size() <= 1 or (dist.is_available() and dist.is_initialized()):
-        return dist.is_available() and dist.is_initialized()
+        if accel.distributed():
+            start_heartbeat()  # a group the caller made: its peers are watched too
+        return accel.distributed()
     mod = accel.device_module(device)
     if mod is not None and hasattr(mod, "set_device"):
         mod.set_device(device)
@@ -53,10 +55,11 @@ def _store():
 
 
 def start_heartbeat() -> None:
-    """Starts this rank's stamping (once per process group)."""
+    """Starts this rank's stamping for the current process group (again, if an earlier group's ran)."""
     import threading
 
-    if _heartbeat or accel.world_size() <= 1:
+    stop_heartbeat()
+    if accel.world_size() <= 1:
         return
     store, key, stop = _store(), f"genfoundry/alive/{accel.rank()}", threading.Event()
     store.add(key, 1)  # every rank's key exists before training starts
@@ -81,8 +84,9 @@ def stop_heartbeat() -> None:
 
 
 def lost_peers(wait_s: float = 3 * HEARTBEAT_S) -> list[int] | None:
-    """Ranks that stopped stamping within `wait_s`; None when the store itself is gone (it was hosted
-    by a rank that died); [] when every peer is alive or there is no heartbeat."""
+    """Ranks that stopped stamping within `wait_s` without having failed themselves (a rank that
+    failed marks itself first, and shows its own error); None when the store no longer answers (its
+    host died); [] when every peer is alive or there is no heartbeat."""
     import time
 
     if not _heartbeat:
@@ -90,12 +94,14 @@ def lost_peers(wait_s: float = 3 * HEARTBEAT_S) -> list[int] | None:
     store, me = _heartbeat["store"], _heartbeat["rank"]
     peers = [r for r in range(_heartbeat["world"]) if r != me]
     try:
+        store.add(f"genfoundry/failed/{me}", 1)
         before = {r: store.add(f"genfoundry/alive/{r}", 0) for r in peers}
         time.sleep(wait_s)
         after = {r: store.add(f"genfoundry/alive/{r}", 0) for r in peers}
+        failed = {r for r in peers if store.add(f"genfoundry/failed/{r}", 0)}
     except Exception:  # noqa: BLE001 - any failure to reach the store means its host is gone
         return None
-    return [r for r in peers if after[r] == before[r]]
+    return [r for r in peers if after[r] == before[r] and r not in failed]
 
 
 class PeerLostError(RuntimeError):
@@ -113,17 +119,31 @@ def peer_failure(error: BaseException) -> str | None:
     peer gone."""
     if not isinstance(error, RuntimeError) or not (_heartbeat or accel.distributed()):
         return None
+    import time
+
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     lost = lost_peers()
     if lost is None:
-        who = "rank 0, which held the process group's store"
+        who = "rank 0 or the launcher (the process group's store, which one of them holds, no longer answers)"
     elif lost:
         who = "rank " + ", ".join(map(str, lost))
     elif isinstance(error, dist.DistError):
         who = "another rank"
     else:
+        if accel.rank() == 0:  # rank 0 may host the store: let the peers finish their own check first
+            time.sleep(3 * HEARTBEAT_S)
         return None
     return f"lost contact with {who} ({type(error).__name__}: {first})"
+
+
+def raise_together(error: BaseException | None, others) -> None:
+    """Every rank calls it after a step that can fail on some ranks only: all ranks raise or none does.
+    A rank that failed raises its own `error`; the others raise `others(number_of_failed_ranks)`."""
+    failed = int(accel.all_reduce(torch.tensor([0 if error is None else 1])).item())
+    if error is not None:
+        raise error
+    if failed:
+        raise others(failed)
 
 
 def destroy_process_group() -> None:
@@ -177,11 +197,12 @@ def find_micro_batch(try_micro, candidates: list[int], device: torch.device, pri
             # Jump to the largest candidate at most half as big: a search in log steps, not one by one.
             i = next((j for j in range(i + 1, len(candidates)) if candidates[j] <= m // 2), len(candidates) - 1) \
                 if m > 1 else len(candidates)
-    if chosen is None:
-        raise ConfigError("even a micro-batch of 1 does not fit in accelerator memory; use a smaller model, "
-                         "parallel.activation_checkpointing=true or parallel.strategy=fsdp")
     _free_memory(device)
-    return int(accel.all_reduce(torch.tensor([chosen]), "min").item())
+    agreed = int(accel.all_reduce(torch.tensor([chosen or 0]), "min").item())  # 0: some rank found none
+    if not agreed:
+        raise ConfigError("even a micro-batch of 1 does not fit in accelerator memory (on at least one rank); "
+                          "use a smaller model, parallel.activation_checkpointing=true or parallel.strategy=fsdp")
+    return agreed
 
 
 def _free_memory(device: torch.device) -> None:
@@ -225,7 +246,7 @@ def parallelize(model: nn.Module, cfg, device: torch.device) -> nn.Module:
     Returns the module to train with (the same object for FSDP2, which shards in place; a DDP wrapper
     for DDP). Parameter names and the model's state_dict keys are unchanged by all of it.
     """
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    world = accel.world_size()
     strategy = resolve_strategy(cfg.strategy, world)
     blocks = repeated_blocks(model)
     if cfg.activation_checkpointing:

@@ -27,6 +27,7 @@ import math
 import torch
 import torch.distributed as dist
 
+from genfoundry import accel
 from genfoundry.distributed.compression import HookState, allgather_bytes, allreduce_bytes
 from genfoundry.errors import ConfigError
 
@@ -84,7 +85,7 @@ def torus_groups(rows: int | None = None, cols: int | None = None) -> TorusGroup
     Every rank must call this, in the same order relative to its other `new_group` calls: each rank
     creates every row's and every column's group, as `dist.new_group` requires.
     """
-    world, rank = dist.get_world_size(), dist.get_rank()
+    world, rank = accel.world_size(), accel.rank()
     rows, cols = grid_shape(world, rows, cols)
     row_groups = [dist.new_group([r * cols + c for c in range(cols)]) for r in range(rows)]
     col_groups = [dist.new_group([r * cols + c for r in range(rows)]) for c in range(cols)]

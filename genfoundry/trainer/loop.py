@@ -19,6 +19,7 @@ from genfoundry import accel, checkpoint, seeding
 from genfoundry import config as config_lib
 from genfoundry import metrics
 from genfoundry.config import Config, ConfigError
+from genfoundry.errors import GenfoundryError
 from genfoundry.data.build import training_data
 from genfoundry.data.order import chunk_index
 from genfoundry.diffusion import FlowMatching, generate, grid, save_png
@@ -176,16 +177,18 @@ class Trainer:
         self.loader.load_state_dict(state["data"])
         accel.set_rng_states(self.device, state["rng"])
 
-    def load_comm_state(self, saved: dict | None, written: dict) -> None:
+    def load_comm_state(self, saved: dict | None, written: dict | None) -> None:
         """This rank's communication-hook state of the resumed step. On another number of ranks the
         per-rank part has no owner: only what survives that carries over (`resume_schedule`)."""
         if not hasattr(self.comm_state, "load_state_dict"):
             return
         if saved is None:
-            before = written.get("comm_hook", "none")
-            self.print(f"the checkpoint holds no state of parallel.comm_hook={self.cfg.parallel.comm_hook} (it was "
-                       f"written with comm_hook={before}); the hook starts afresh")
+            before = (f"it was written with comm_hook={written.get('comm_hook', 'none')}" if written is not None
+                      else "an older checkpoint records no hook state")
+            self.print(f"the checkpoint holds no state of parallel.comm_hook={self.cfg.parallel.comm_hook} "
+                       f"({before}); the hook starts afresh")
             return
+        written = written or {}
         if written["world_size"] != self.world:
             note = self.comm_state.resume_schedule(saved)
             self.print(f"the checkpoint was written on {written['world_size']} ranks, this run has {self.world}: {note}")
@@ -201,11 +204,19 @@ class Trainer:
         Ranks that chose for themselves could resume at different steps (a node-local run directory,
         a network filesystem that lags)."""
         directory = self.run_dir / "checkpoints"
-        newest = checkpoint.load_latest(directory) if self.rank == 0 else None
-        step = accel.broadcast_int(newest["step"] if newest is not None else -1)
-        if step < 0:
+        newest = error = None
+        if self.rank == 0:
+            try:
+                newest = checkpoint.load_latest(directory)
+            except OSError as e:
+                error = checkpoint.CheckpointError(f"cannot list the checkpoints in '{directory}': {e.strerror or e}")
+        step = accel.broadcast_int(-2 if error else newest["step"] if newest is not None else -1)
+        if step == -2:
+            parallel.raise_together(error, lambda n: checkpoint.CheckpointError(
+                "rank 0 cannot list the checkpoints to resume from (its message says why)"))
+        if step == -1:
             return None
-        state = saved = error = None
+        state = saved = None
         try:
             state = newest if self.rank == 0 else checkpoint.load(checkpoint.checkpoint_path(directory, step))
             if state["step"] != step:
@@ -221,38 +232,41 @@ class Trainer:
                         f"with per-rank {written['comm_hook']} state on {written['world_size']} ranks, and rank "
                         f"{self.rank} needs that file")
         except checkpoint.CheckpointError as e:
-            error = e
-        failed = int(accel.all_reduce(torch.tensor([0 if error is None else 1])).item())
-        if error is not None:
-            raise checkpoint.CheckpointError(f"rank {self.rank} cannot resume from step {step}, which rank 0 "
-                                             f"chose: {error}. Every rank must see the same run directory")
-        if failed:
-            raise checkpoint.CheckpointError(f"{failed} rank(s) cannot resume from step {step}, which rank 0 "
-                                             f"chose (their messages say why)")
+            error = checkpoint.CheckpointError(f"rank {self.rank} cannot resume from step {step}, which rank 0 "
+                                               f"chose: {e}. Every rank must see the same run directory")
+        parallel.raise_together(error, lambda n: checkpoint.CheckpointError(
+            f"{n} rank(s) cannot resume from step {step}, which rank 0 chose (their messages say why)"))
         return state, saved
 
     def prepare_run_dir(self) -> None:
-        """Creates the run directory, or checks that it belongs to this config and resumes from it."""
+        """Creates the run directory, or checks that it belongs to this config and resumes from it.
+        Each check runs on every rank and all ranks stop together, so none waits for one that stopped."""
         saved = self.run_dir / "config.toml"
-        if saved.exists():  # every rank checks, so that all stop with the same error and none waits
-            previous = config_lib.load(str(saved))
-            changed = config_lib.identity_diff(previous, self.cfg)
-            if changed:
-                raise ConfigError(f"run directory '{self.run_dir}' holds a run with different "
-                                  f"{', '.join(changed)}; choose another --run.name to start a new run")
-        self.barrier()  # nobody reads config.toml after rank 0 starts rewriting it
+        error = None
+        if saved.exists():  # every rank checks the run directory it sees
+            try:
+                changed = config_lib.identity_diff(config_lib.load(str(saved)), self.cfg)
+                if changed:
+                    raise ConfigError(f"run directory '{self.run_dir}' holds a run with different "
+                                      f"{', '.join(changed)}; choose another --run.name to start a new run")
+            except GenfoundryError as e:
+                error = e
+        # Also the barrier before rank 0 rewrites config.toml, which the others may still be reading.
+        parallel.raise_together(error, lambda n: ConfigError(
+            f"{n} rank(s) found another run in '{self.run_dir}' (their messages say what differs)"))
         if self.rank == 0:
             try:
                 (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
                 saved.write_text(config_lib.dumps(self.cfg))
             except OSError as e:
-                raise ConfigError(f"cannot write the run directory '{self.run_dir}': {e.strerror or e}") from None
-        self.barrier()
+                error = ConfigError(f"cannot write the run directory '{self.run_dir}': {e.strerror or e}")
+        parallel.raise_together(error, lambda n: ConfigError(
+            f"rank 0 cannot write the run directory '{self.run_dir}' (its message says why)"))
         agreed = self.load_agreed_checkpoint()
         if agreed is not None:
             state, saved = agreed
             self.load_state_dict(state)
-            self.load_comm_state(saved, state.get("rank_states") or {})
+            self.load_comm_state(saved, state.get("rank_states"))
             self.print(f"resumed from step {self.step} ({self.images_seen} images seen)")
 
     def barrier(self) -> None:
