@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from genfoundry import accel
 from genfoundry import config as config_lib
-from genfoundry.config import Config
+from genfoundry.config import Config, ConfigError
 from genfoundry.diffusion import generate, grid, save_png
 from genfoundry.errors import GenfoundryError, writable_directory
 from genfoundry.models import DiT, DiTArch
@@ -26,6 +26,23 @@ class RunError(GenfoundryError):
     """A run directory that lacks what a command needs, or an output directory that cannot be written."""
 
 
+def check_names(cfg: Config) -> None:
+    """One ConfigError for a config value that names something no registry holds (a model preset, a
+    time sampling, a loss weighting), before any work starts; `--dry-run` runs it too."""
+    import difflib
+
+    from genfoundry.diffusion.objective import LOSS_WEIGHTINGS, TIME_SAMPLERS
+    from genfoundry.models import MODELS
+
+    for key, value, registry in (("model.preset", cfg.model.preset, MODELS),
+                                 ("diffusion.time_sampling", cfg.diffusion.time_sampling, TIME_SAMPLERS),
+                                 ("diffusion.loss_weighting", cfg.diffusion.loss_weighting, LOSS_WEIGHTINGS)):
+        if value not in registry:
+            close = difflib.get_close_matches(value, list(registry), n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"{key} '{value}' is not one of {', '.join(sorted(registry))}{hint}")
+
+
 def train(cfg: Config, print_fn=print) -> dict:
     """Trains or resumes the run `cfg` names; returns the last metrics row.
 
@@ -34,6 +51,7 @@ def train(cfg: Config, print_fn=print) -> dict:
     """
     from genfoundry.distributed import parallel
 
+    check_names(cfg)
     joined_before = accel.distributed()
     try:
         return Trainer(cfg, print_fn).train()
@@ -88,16 +106,19 @@ def sample(run_dir: str | Path, out_dir: str | Path | None = None, num_images: i
            seed: int | None = None, batch_size: int | None = None, weights: str = "ema",
            device: str = "auto", write_images: bool = True) -> dict:
     """Writes a grid (one row per class) and, optionally, every image as a PNG; settings default to the run's."""
+    for flag, value in (("--num-images", num_images), ("--steps", steps), ("--batch-size", batch_size)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be at least 1, got {value}")
     sc = run_config(run_dir).sample
     model, meta = load_trained(run_dir, weights, device)
     k = len(meta["class_names"])
-    num_images = num_images or sc.per_class * k
-    settings = dict(sampler=sampler or sc.sampler, steps=steps or sc.steps,
+    num_images = sc.per_class * k if num_images is None else num_images
+    settings = dict(sampler=sampler or sc.sampler, steps=sc.steps if steps is None else steps,
                     cfg_scale=sc.cfg_scale if cfg_scale is None else cfg_scale,
                     seed=sc.seed if seed is None else seed)
     out = writable_directory(out_dir or Path(run_dir) / "samples" / "sampled", RunError)
     labels = balanced_labels(num_images, k)
-    images = generate(model, labels, range(num_images), batch_size=batch_size or sc.batch_size,
+    images = generate(model, labels, range(num_images), batch_size=sc.batch_size if batch_size is None else batch_size,
                       precision=sc.precision, **settings)
     # Order by class so that each grid row is one class.
     order = torch.argsort(labels, stable=True)
@@ -116,9 +137,11 @@ def evaluate(run_dir: str | Path, num_samples: int | None = None, reference: str
     """FID and KID of `num_samples` class-balanced samples from a finished run against a reference set."""
     from genfoundry.eval import evaluate as score
 
+    if num_samples is not None and num_samples < 2:
+        raise ConfigError(f"--num-samples must be at least 2 (FID needs a covariance), got {num_samples}")
     cfg = run_config(run_dir)
     ec, sc = cfg.eval, cfg.sample
-    num_samples = num_samples or ec.num_samples
+    num_samples = ec.num_samples if num_samples is None else num_samples
     reference = reference or ec.reference or cfg.data.source
     split = split or ec.split
     model, meta = load_trained(run_dir, "ema", device)

@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides = config_lib.parse_overrides(rest)
             cfg = config_lib.load(getattr(args, "config", "demo"), overrides)
             if args.dry_run:
+                api.check_names(cfg)
                 print(config_lib.dumps(cfg), end="")
                 return 0
             if args.command == "train":

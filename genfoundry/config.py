@@ -24,6 +24,10 @@ class RunConfig:
     device: str = "auto"         # 'auto' picks the accelerator torch reports, else e.g. 'cpu', 'cuda:1'
     threads: int = 0             # CPU threads for torch; 0 leaves torch's default
 
+    def __post_init__(self):
+        if self.threads < 0:
+            raise ConfigError(f"run.threads must be 0 (torch's default) or more, got {self.threads}")
+
 
 @dataclass
 class DataConfig:
@@ -99,6 +103,18 @@ class TrainConfig:
             raise ConfigError(f"train.lr must be positive, got {self.lr}")
         if self.micro_batch_size < 0:
             raise ConfigError(f"train.micro_batch_size must be 0 (automatic) or more, got {self.micro_batch_size}")
+        for name in ("val_every", "loss_scale_growth_interval"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "weight_decay", "grad_clip", "ema_halflife_kimg", "ema_rampup",
+                     "sample_every", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be 0 or more, got {getattr(self, name)}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"train.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.loss_scale_init <= 0:
+            raise ConfigError(f"train.loss_scale_init must be positive, got {self.loss_scale_init}")
 
 
 COMM_HOOKS = ("none", "torus", "topk", "powersgd")
@@ -127,6 +143,11 @@ class ParallelConfig:
             raise ConfigError(f"parallel.timeout_s must be positive, got {self.timeout_s}")
         if not 0.0 < self.topk_ratio <= 1.0:
             raise ConfigError(f"parallel.topk_ratio must be in (0, 1], got {self.topk_ratio}")
+        for name in ("replicate", "torus_rows", "topk_warmup_steps", "powersgd_warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"parallel.{name} must be 0 or more, got {getattr(self, name)}")
+        if self.powersgd_rank < 1:
+            raise ConfigError(f"parallel.powersgd_rank must be at least 1, got {self.powersgd_rank}")
 
 
 @dataclass
@@ -144,8 +165,9 @@ class SampleConfig:
             raise ConfigError(f"sample.precision must be fp32, bf16 or fp16, got '{self.precision}'")
         if self.sampler not in ("euler", "heun"):
             raise ConfigError(f"sample.sampler must be euler or heun, got '{self.sampler}'")
-        if self.steps < 1:
-            raise ConfigError(f"sample.steps must be at least 1, got {self.steps}")
+        for name in ("steps", "per_class", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"sample.{name} must be at least 1, got {getattr(self, name)}")
 
 
 @dataclass
@@ -154,6 +176,12 @@ class EvalConfig:
     reference: str = ""          # reference dataset; empty means the training source
     split: str = "train"         # reference split
     kid_subset_size: int = 1000  # KID subset size (clipped to the set sizes)
+
+    def __post_init__(self):
+        if self.num_samples < 2:
+            raise ConfigError(f"eval.num_samples must be at least 2 (FID needs a covariance), got {self.num_samples}")
+        if self.kid_subset_size < 2:
+            raise ConfigError(f"eval.kid_subset_size must be at least 2, got {self.kid_subset_size}")
 
 
 @dataclass
@@ -253,6 +281,8 @@ def recipe_path(name: str) -> Path:
     if shipped.is_file():
         return Path(str(shipped))
     available = sorted(p.name[:-5] for p in (resources.files("genfoundry") / "recipes").iterdir() if p.name.endswith(".toml"))
+    if path.suffix == ".toml":
+        raise ConfigError(f"recipe file '{name}' does not exist (or is not a file)")
     raise ConfigError(f"no recipe '{name}': give a .toml path or one of {available}")
 
 
@@ -305,9 +335,19 @@ def dumps(cfg: Config) -> str:
     return "\n".join(lines) + "\n"
 
 
+def source_identity(source: str) -> str:
+    """What a data source names, whatever its spelling: a local path resolved (absolute, no trailing
+    '/'), a URL without trailing '/', a dataset name as it is."""
+    if "://" in source:
+        return source.rstrip("/")
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() else source
+
+
 def training_identity(cfg: Config) -> dict:
     """The part of the config that a resumed run must share with the run it continues."""
     data = to_dict(cfg)
+    data["data"]["source"] = source_identity(cfg.data.source)
     ident = {s: {k: v for k, v in data[s].items() if k not in NON_TRAINING_KEYS.get(s, ())}
              for s in TRAINING_SECTIONS}
     ident["train"] = {k: data["train"][k] for k in TRAINING_KEYS}

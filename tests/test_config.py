@@ -78,3 +78,36 @@ def test_cli_dry_run_prints_resolved_config(cli, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "steps = 3" in r.stdout and 'preset = "DiT-T/4"' in r.stdout
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("train.warmup_steps", "-10", "train.warmup_steps must be 0 or more"),
+    ("train.ema_halflife_kimg", "-1", "train.ema_halflife_kimg must be 0 or more"),
+    ("train.val_every", "0", "train.val_every must be at least 1"),
+    ("train.beta2", "1.5", r"train.beta2 must be in \[0, 1\)"),
+    ("run.threads", "-1", "run.threads must be 0"),
+    ("eval.num_samples", "0", "eval.num_samples must be at least 2"),
+    ("sample.per_class", "0", "sample.per_class must be at least 1"),
+    ("parallel.powersgd_rank", "0", "parallel.powersgd_rank must be at least 1"),
+])
+def test_values_that_would_train_wrongly_or_crash_later_are_refused(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        config.load("demo", {key: value})
+
+
+def test_a_missing_recipe_file_is_named_as_missing(tmp_path):
+    with pytest.raises(ConfigError, match="recipe file '.*missing.toml' does not exist"):
+        config.load(str(tmp_path / "missing.toml"))
+
+
+def test_the_same_folder_spelled_differently_is_the_same_data(tmp_path, monkeypatch):
+    (tmp_path / "photos").mkdir()
+    monkeypatch.chdir(tmp_path)
+    spellings = ["photos", "photos/", str(tmp_path / "photos"), "./photos//"]
+    identities = {config.config_hash(config.load("demo", {"data.source": s})) for s in spellings}
+    assert len(identities) == 1
+    assert not config.identity_diff(config.load("demo", {"data.source": "photos"}),
+                                    config.load("demo", {"data.source": str(tmp_path / "photos") + "/"}))
+    assert config.identity_diff(config.load("demo", {"data.source": "photos"}),
+                                config.load("demo", {"data.source": "mnist"})) == ["data.source"]
+    assert config.source_identity("s3://bucket/shards/") == "s3://bucket/shards"

@@ -14,7 +14,7 @@ from genfoundry import cli, errors
     (["train", "--dry-run", "--train.lr=abc"], "train.lr must be a number, got 'abc'"),
     (["train", "--dry-run", "--config", "no-such-recipe"], "no recipe 'no-such-recipe'"),
     (["train", "--model.preset=DiT-X/9", "--train.steps=1", "--train.global_batch_size=8"],
-     "unknown model preset 'DiT-X/9'"),
+     "model.preset 'DiT-X/9' is not one of"),
 ], ids=["missing-run-dir", "bad-override", "unknown-recipe", "unknown-preset"])
 def test_user_mistake_is_one_line_and_exit_code_2(cli, tmp_path, args, message):
     r = cli(*args, cwd=tmp_path)
@@ -68,3 +68,17 @@ def test_no_value_error_subclass_bypasses_genfoundry_error():
                 if any(getattr(b, "id", getattr(b, "attr", None)) == "ValueError" for b in node.bases):
                     direct.append(f"{path.name}: {node.name}")
     assert not direct, direct
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train", "--dry-run", "--model.preset=DiT-Z/9"], "model.preset 'DiT-Z/9' is not one of"),
+    (["train", "--dry-run", "--diffusion.time_sampling=gaussian"], "diffusion.time_sampling 'gaussian'"),
+    (["eval", "RUN", "--num-samples", "-5"], "--num-samples must be at least 2"),
+    (["eval", "RUN", "--num-samples", "0"], "--num-samples must be at least 2"),
+    (["sample", "RUN", "--steps", "0"], "--steps must be at least 1"),
+    (["sample", "RUN", "--num-images", "0"], "--num-images must be at least 1"),
+])
+def test_values_that_used_to_mean_the_default_or_crash_are_one_line(cli, tmp_path, args, message):
+    r = cli(*[str(tmp_path / "run") if a == "RUN" else a for a in args])
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
