@@ -6,6 +6,7 @@ the repeated blocks of a model (any `nn.ModuleList` of it); the model's code kno
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import inspect
@@ -26,9 +27,7 @@ def init_process_group(device: torch.device, timeout_s: float) -> bool:
     of waiting for the default 10-30 minutes.
     """
     if accel.world_size() <= 1 or (dist.is_available() and dist.is_initialized()):
-        if accel.distributed():
-            start_heartbeat()  # a group the caller made: its peers are watched too
-        return accel.distributed()
+        return accel.distributed()  # a group the caller made is the caller's to watch and tear down
     mod = accel.device_module(device)
     if mod is not None and hasattr(mod, "set_device"):
         mod.set_device(device)
@@ -55,7 +54,8 @@ def _store():
 
 
 def start_heartbeat() -> None:
-    """Starts this rank's stamping for the current process group (again, if an earlier group's ran)."""
+    """Starts this rank's stamping for the current process group (again, if an earlier group's ran).
+    It stops with `destroy_process_group` or at exit, before the store goes away under it."""
     import threading
 
     stop_heartbeat()
@@ -81,6 +81,9 @@ def stop_heartbeat() -> None:
         _heartbeat["stop"].set()
         _heartbeat["thread"].join(timeout=5)
         _heartbeat.clear()
+
+
+atexit.register(stop_heartbeat)  # a daemon thread inside a store call at exit would abort the process
 
 
 def lost_peers(wait_s: float = 3 * HEARTBEAT_S) -> list[int] | None:
