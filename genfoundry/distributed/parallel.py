@@ -345,3 +345,15 @@ def gradient_sync(model: nn.Module, enabled: bool):
             model.set_requires_gradient_sync(True)
     else:
         yield
+
+
+def local_part(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor: the local shard of an FSDP2 DTensor, else the tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def shard_of(shard, full: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of a full tensor, laid out as the DTensor `shard` is."""
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(shard.device), shard.device_mesh, shard.placements).to_local()

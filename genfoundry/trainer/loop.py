@@ -107,7 +107,7 @@ class Trainer:
                 p.grad = None
 
         # The optimizer's two moments do not exist yet: hold their memory while searching.
-        local = sum(_local(p).numel() for p in self.model.parameters())
+        local = sum(parallel.local_part(p).numel() for p in self.model.parameters())
         reserve = torch.empty(2 * local, dtype=torch.float32, device=self.device)
         micro = parallel.find_micro_batch(try_micro, candidates, self.device, self.print)
         del reserve
@@ -164,7 +164,7 @@ class Trainer:
             set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=options)
             self.ema.load_state_dict(state["ema"])
             for shard, full in zip(self.ema_shards, self.ema.parameters()):
-                shard.to_local().copy_(_local_part(shard, full))
+                shard.to_local().copy_(parallel.shard_of(shard, full))
         else:
             self.net.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -365,7 +365,7 @@ class Trainer:
 
     def unscale_and_check(self, params) -> bool:
         """fp16: unscales the gradients; True if all are finite on every rank (shards differ under FSDP2)."""
-        grads = [_local(p.grad) for p in params if p.grad is not None]
+        grads = [parallel.local_part(p.grad) for p in params if p.grad is not None]
         finite = self.scaler.unscale_and_check(grads) if grads else True
         if self.distributed:
             finite = bool(accel.all_reduce(torch.tensor([1.0 if finite else 0.0]), "min").item())
@@ -495,16 +495,3 @@ class Trainer:
         self.print(f"data {ds.name}: {ds.resolution}x{ds.resolution}x{ds.channels} images, "
                    f"{ds.num_classes} classes   model {self.cfg.model.preset}: {params / 1e6:.2f}M params, "
                    f"{m.flops_per_forward() / 1e9:.3f} GFLOP/forward/image")
-
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a tensor: the local shard of an FSDP2 DTensor, else the tensor itself."""
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
-
-
-def _local_part(shard, full: torch.Tensor) -> torch.Tensor:
-    """This rank's piece of a full tensor, laid out as the DTensor `shard` is."""
-    from torch.distributed.tensor import distribute_tensor
-
-    return distribute_tensor(full.to(shard.device), shard.device_mesh, shard.placements).to_local()
