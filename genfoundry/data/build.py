@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,6 +29,7 @@ class TrainingData:
     channels: int
     val_images: np.ndarray     # uint8 [N, H, W, C], the same every time
     val_labels: np.ndarray
+    notes: list[str] = field(default_factory=list)  # one line each: what was converted, left out or chosen
 
     @property
     def num_classes(self) -> int:
@@ -72,27 +73,27 @@ def _from_shards(cfg, global_batch_size, val_batch_size, seed, device) -> Traini
     channels = cfg.channels or _channels_of(first)
     resolution = cfg.resolution or min(image_size(first))
 
-    def pipeline(train: bool) -> DataPipeline:
-        p = DataPipeline(channels, cfg.fast_jpeg)
-        if cfg.resolution:
-            p.add_transform(Resize(resolution))
-            p.add_transform(CenterCrop(resolution))
-        if train and cfg.hflip:
-            p.add_transform(RandomHorizontalFlip())
-        return p
-
-    train = pipeline(True).add_transform(Normalize([0.5] * channels, [0.5] * channels))
+    train = shard_pipeline(resolution, channels, cfg.fast_jpeg, cfg.hflip)
+    train.add_transform(Normalize([0.5] * channels, [0.5] * channels))
 
     def make_loader(rank, world_size, accumulation):
         return train.loader(dataset, global_batch_size, device, seed, cfg.workers, rank, world_size,
                             accumulation=accumulation)
 
     # The validation batch: the first global batch of another seed, without augmentation (in-sample).
-    val_loader = pipeline(False).loader(dataset, min(val_batch_size, len(dataset)), "cpu", seeding.mix(seed, 1), 0, 0, 1)
+    val_loader = shard_pipeline(resolution, channels, cfg.fast_jpeg).loader(dataset, min(val_batch_size, len(dataset)), "cpu", seeding.mix(seed, 1), 0, 0, 1)
     val = next(iter(val_loader))
     val_images = (val.images * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return TrainingData(make_loader, Path(str(cfg.source).rstrip("/")).name, dataset.class_names or [""], resolution,
                         channels, val_images, val.labels.clamp(min=0).numpy())
+
+
+def shard_pipeline(resolution: int, channels: int, fast_jpeg: bool = False, hflip: bool = False) -> DataPipeline:
+    """How shard samples become training images: the short side resized to `resolution`, the centre
+    square cropped (a no-op for images already at that size), optional random flips. Training, the
+    validation batch and FID references all decode through it."""
+    p = DataPipeline(channels, fast_jpeg).add_transform(Resize(resolution)).add_transform(CenterCrop(resolution))
+    return p.add_transform(RandomHorizontalFlip()) if hflip else p
 
 
 def _channels_of(data: bytes) -> int:

@@ -495,3 +495,5 @@ class Trainer:
         self.print(f"data {ds.name}: {ds.resolution}x{ds.resolution}x{ds.channels} images, "
                    f"{ds.num_classes} classes   model {self.cfg.model.preset}: {params / 1e6:.2f}M params, "
                    f"{m.flops_per_forward() / 1e9:.3f} GFLOP/forward/image")
+        for note in ds.notes:
+            self.print(f"data: {note}")
