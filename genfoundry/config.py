@@ -39,6 +39,8 @@ class DataConfig:
     hflip: bool = False          # random horizontal flips (off for digits)
     workers: int = 2             # CPU decode worker processes for shard sets
     fast_jpeg: bool = False      # libjpeg-turbo's fast chroma upsampling (~40% faster decode, ~41 dB PSNR)
+    holdout: float = 0.05        # folders and shard sets: fraction of images kept out of training to validate on
+                                 # (at most train.val_batch_size); 0 validates on training images
 
     def __post_init__(self):
         if self.channels not in (0, 1, 3):
@@ -47,6 +49,8 @@ class DataConfig:
             raise ConfigError(f"data.resolution must be at least 8 (or 0 for the data's own), got {self.resolution}")
         if self.workers < 0:
             raise ConfigError(f"data.workers must be 0 or more, got {self.workers}")
+        if not 0.0 <= self.holdout < 1.0:
+            raise ConfigError(f"data.holdout must be in [0, 1), got {self.holdout}")
 
 
 @dataclass

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from genfoundry import seeding
+from genfoundry.data import order
 from genfoundry.data.loader import Loader
 from genfoundry.data.memory import InMemoryLoader
 from genfoundry.data.pipeline import DataPipeline
@@ -41,51 +41,137 @@ def is_shard_set(source: str) -> bool:
 
 
 def training_data(cfg, global_batch_size: int, val_batch_size: int, seed: int, device) -> TrainingData:
-    """`cfg` is a DataConfig: a named dataset, an image folder, or a packed shard set (path or URL)."""
+    """`cfg` is a DataConfig: a named dataset, an image folder, or a packed shard set (path or URL).
+
+    Named datasets validate on their `val_split`; folders and shard sets on a hold-out of `cfg.holdout`
+    of their images that training never sees (`order.held_out`), or in-sample when it is 0."""
     if is_shard_set(cfg.source):
         return _from_shards(cfg, global_batch_size, val_batch_size, seed, device)
-    if cfg.source in SOURCES and (cfg.resolution or cfg.channels):
-        raise ConfigError(f"'{cfg.source}' images are 28x28 grayscale; data.resolution and data.channels apply "
-                          f"to folders and shards")
-    train = load_images(cfg.source, cfg.split, cfg.resolution or FOLDER_RESOLUTION, cfg.channels or 3)
-    try:
-        val = load_images(cfg.source, cfg.val_split, cfg.resolution or FOLDER_RESOLUTION, cfg.channels or 3)
-    except SourceError:
-        val = train  # folders have no splits: the validation batch is then in-sample
+    if cfg.source in SOURCES:
+        if cfg.resolution or cfg.channels:
+            raise ConfigError(f"'{cfg.source}' images are 28x28 grayscale; data.resolution and data.channels "
+                              f"apply to folders and shards")
+        train, val = load_images(cfg.source, cfg.split), load_images(cfg.source, cfg.val_split)
+        notes = [f"validation: {min(val_batch_size, len(val))} images of the '{cfg.val_split}' split"]
+    else:
+        images = load_images(cfg.source, resolution=cfg.resolution or FOLDER_RESOLUTION, channels=cfg.channels or 3)
+        held, notes = _holdout(len(images), cfg.holdout, val_batch_size, global_batch_size, images.name)
+        val = dataclasses.replace(images, images=images.images[held], labels=images.labels[held])
+        if cfg.holdout:
+            keep = np.setdiff1d(np.arange(len(images)), held, assume_unique=True)
+            images = dataclasses.replace(images, images=images.images[keep], labels=images.labels[keep])
+        train = images
     if len(train) < global_batch_size:
-        raise SourceError(f"dataset '{train.name}' has {len(train)} images, fewer than one global batch of "
-                          f"{global_batch_size}")
+        raise SourceError(f"dataset '{train.name}' has {len(train)} training images, fewer than one global batch "
+                          f"of {global_batch_size}; lower --train.global_batch_size")
 
     def make_loader(rank, world_size, accumulation):
         return InMemoryLoader(train, global_batch_size, seed, device, cfg.hflip, rank, world_size, accumulation)
 
     n = min(val_batch_size, len(val))
+    val_labels = np.where(val.labels[:n] < 0, len(train.class_names), val.labels[:n])  # unlabelled: null class
     return TrainingData(make_loader, train.name, train.class_names, train.resolution, train.channels,
-                        val.images[:n], val.labels[:n])
+                        val.images[:n], val_labels, notes)
+
+
+def _holdout(num_samples: int, fraction: float, val_batch_size: int, global_batch_size: int,
+             name: str) -> tuple[np.ndarray, list[str]]:
+    """The validation samples of a folder or shard set and the line that says which they are: `fraction`
+    of the set (at least 1, at most `val_batch_size`) never trained on, or, for 0, training samples."""
+    if not fraction:
+        held = order.held_out(num_samples, min(val_batch_size, num_samples))
+        return held, [f"validation: {len(held)} training images (in-sample, data.holdout=0)"]
+    count = min(val_batch_size, max(1, round(fraction * num_samples)))
+    if num_samples - count < global_batch_size:
+        raise SourceError(f"'{name}' has {num_samples} images: holding {count} out for validation leaves fewer "
+                          f"than one global batch of {global_batch_size}; lower --train.global_batch_size or "
+                          f"--data.holdout")
+    return order.held_out(num_samples, count), [
+        f"validation: {count} of {num_samples} images held out (data.holdout={fraction:g}), never trained on"]
 
 
 def _from_shards(cfg, global_batch_size, val_batch_size, seed, device) -> TrainingData:
-    from genfoundry.data.decode import image_size
     from genfoundry.shards import ShardDataset
 
     dataset = ShardDataset(cfg.source)
+    name = Path(str(cfg.source).rstrip("/")).name
     first, _ = dataset.read(0)
     channels = cfg.channels or _channels_of(first)
-    resolution = cfg.resolution or min(image_size(first))
+    resolution, notes = shard_resolution(dataset, cfg.resolution)
+    held, held_note = _holdout(len(dataset), cfg.holdout, val_batch_size, global_batch_size, name)
+    notes += held_note
+    class_names = dataset.class_names or [""]
 
     train = shard_pipeline(resolution, channels, cfg.fast_jpeg, cfg.hflip)
     train.add_transform(Normalize([0.5] * channels, [0.5] * channels))
 
     def make_loader(rank, world_size, accumulation):
         return train.loader(dataset, global_batch_size, device, seed, cfg.workers, rank, world_size,
-                            accumulation=accumulation)
+                            accumulation=accumulation, exclude=held if cfg.holdout else None)
 
-    # The validation batch: the first global batch of another seed, without augmentation (in-sample).
-    val_loader = shard_pipeline(resolution, channels, cfg.fast_jpeg).loader(dataset, min(val_batch_size, len(dataset)), "cpu", seeding.mix(seed, 1), 0, 0, 1)
-    val = next(iter(val_loader))
-    val_images = (val.images * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return TrainingData(make_loader, Path(str(cfg.source).rstrip("/")).name, dataset.class_names or [""], resolution,
-                        channels, val_images, val.labels.clamp(min=0).numpy())
+    val_images, val_labels, failed = decode_samples(dataset, held, shard_pipeline(resolution, channels, cfg.fast_jpeg))
+    if failed:
+        notes.append(f"{len(failed)} validation image(s) failed to decode and are left out, e.g. {failed[0]}")
+    if not len(val_images):
+        raise SourceError(f"none of the {len(held)} validation images of '{name}' could be decoded")
+    val_labels = np.where(val_labels < 0, len(class_names), val_labels)  # unlabelled: the null class
+    return TrainingData(make_loader, name, class_names, resolution, channels, val_images, val_labels, notes)
+
+
+def shard_resolution(dataset, resolution: int = 0) -> tuple[int, list[str]]:
+    """The side a shard set trains at, and a note when it was chosen for the user: `resolution` if
+    given; else the side the set was packed at, or that all its images share when they are one square
+    size; else FOLDER_RESOLUTION (images of mixed sizes are centre-cropped and resized to it)."""
+    if resolution:
+        return resolution, []
+    packed = dataset.options.get("resolution")
+    if packed:
+        return int(packed), []
+    sizes = dataset.index.get("image_sizes") or _scan_sizes(dataset)
+    (width, height, _count), distinct = sizes["most_common"], sizes["distinct"]
+    if distinct == 1 and width == height:
+        return int(width), []
+    shape = f"{distinct} sizes, most often {width}x{height}" if distinct > 1 else f"{width}x{height}"
+    return FOLDER_RESOLUTION, [f"images of {shape}: centre-cropped and resized to "
+                               f"{FOLDER_RESOLUTION}x{FOLDER_RESOLUTION}; set --data.resolution to choose the side"]
+
+
+SIZE_SCAN = 1000  # headers read, spread over the set, when index.json has no size summary (older packs)
+
+
+def _scan_sizes(dataset) -> dict:
+    from collections import Counter
+
+    from genfoundry.data.decode import DecodeError, image_size
+
+    counts = Counter()
+    for i in np.unique(np.linspace(0, len(dataset) - 1, min(len(dataset), SIZE_SCAN)).astype(np.int64)):
+        try:
+            counts[image_size(dataset.read(int(i))[0])] += 1
+        except DecodeError:
+            continue
+    if not counts:
+        raise SourceError(f"no image of '{dataset.url}' has a readable header")
+    (width, height), count = counts.most_common(1)[0]
+    return {"distinct": len(counts), "most_common": [width, height, count]}
+
+
+def decode_samples(dataset, indices, pipeline: DataPipeline) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """uint8 [N, H, W, C] images and labels (-1: none) of chosen samples of a shard set, through
+    `pipeline` (which must draw nothing at random), and 'key: reason' for those that fail to decode."""
+    from genfoundry.data.decode import DecodeError
+
+    images, labels, failed = [], [], []
+    rng = np.random.default_rng(0)
+    for index in indices:
+        data, meta = dataset.read(int(index))
+        try:
+            images.append(pipeline.prepare(data, rng)[0])
+        except DecodeError as e:
+            failed.append(f"{meta.get('key', index)}: {e}")
+            continue
+        labels.append(-1 if meta.get("label") is None else int(meta["label"]))
+    return (np.stack(images) if images else np.empty((0,), np.uint8), np.asarray(labels, dtype=np.int64), failed)
 
 
 def shard_pipeline(resolution: int, channels: int, fast_jpeg: bool = False, hflip: bool = False) -> DataPipeline:

@@ -23,8 +23,17 @@ def _rng(*words: int) -> np.random.Generator:
     return np.random.default_rng(seeding.mix(*words))
 
 
-def global_order(shard_sizes: list[int], seed: int, epoch: int, window: int = 4096) -> np.ndarray:
-    """All global sample indices of one epoch, in training order."""
+def held_out(num_samples: int, count: int) -> np.ndarray:
+    """The sorted indices of the `count` samples kept out of training for validation: those whose index
+    hashes lowest. It depends on neither the seed nor the world size, so every run of a data set
+    validates on the same images, spread evenly over its shards and classes."""
+    keys = seeding.hash32(np.arange(num_samples, dtype=np.int64))
+    return np.sort(np.argsort(keys, kind="stable")[:count]).astype(np.int64)
+
+
+def global_order(shard_sizes: list[int], seed: int, epoch: int, window: int = 4096,
+                 exclude: np.ndarray | None = None) -> np.ndarray:
+    """All global sample indices of one epoch, in training order, without those in `exclude` (sorted)."""
     starts = np.concatenate([[0], np.cumsum(shard_sizes)[:-1]]).astype(np.int64)
     rng = _rng(seed, epoch, 0x5EED)
     shards = rng.permutation(len(shard_sizes))
@@ -32,6 +41,8 @@ def global_order(shard_sizes: list[int], seed: int, epoch: int, window: int = 40
         np.empty(0, np.int64)
     for lo in range(0, len(stream), window):
         rng.shuffle(stream[lo:lo + window])
+    if exclude is not None and len(exclude):
+        stream = stream[~np.isin(stream, exclude, assume_unique=True)]
     return stream
 
 
@@ -54,15 +65,29 @@ class GlobalBatches:
     global_batch_size: int
     seed: int = 0
     window: int = 4096
+    exclude: np.ndarray | None = None  # sorted sample indices never trained on (the validation hold-out)
 
     def __post_init__(self):
         if self.batches_per_epoch == 0:
-            raise SourceError(f"the dataset has {sum(self.shard_sizes)} samples, fewer than one global batch "
-                             f"of {self.global_batch_size}")
+            held = f" ({len(self.exclude)} more are held out for validation)" if self.num_excluded else ""
+            raise SourceError(f"the dataset has {self.num_samples} training samples{held}, fewer than one global "
+                              f"batch of {self.global_batch_size}; lower --train.global_batch_size")
+
+    @property
+    def num_excluded(self) -> int:
+        return 0 if self.exclude is None else len(self.exclude)
+
+    @property
+    def num_samples(self) -> int:
+        """Samples trained on per epoch (before the partial last batch is dropped)."""
+        return sum(self.shard_sizes) - self.num_excluded
 
     @property
     def batches_per_epoch(self) -> int:
-        return sum(self.shard_sizes) // self.global_batch_size
+        return self.num_samples // self.global_batch_size
+
+    def order(self, epoch: int) -> np.ndarray:
+        return global_order(self.shard_sizes, self.seed, epoch, self.window, self.exclude)
 
     def local_batch_size(self, world_size: int, accumulation: int = 1) -> int:
         """Images in one micro-batch of one rank."""

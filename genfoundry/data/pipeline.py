@@ -7,9 +7,12 @@ batch transforms' parameters. Per batch, on the device: uint8 -> float, the batc
 from __future__ import annotations
 
 import contextlib
+import json
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,13 +20,13 @@ import torch
 from genfoundry import metrics
 from genfoundry.checkpoint import CheckpointError
 from genfoundry.data.decode import JPEG_MAGIC, DecodeError, decode, image_size
-from genfoundry.data.order import GlobalBatches, global_order, sample_seed
+from genfoundry.data.order import GlobalBatches, sample_seed
 from genfoundry.data.transforms import (BatchTransform, Lambda, Normalize, RandomHorizontalFlip, SizeTransform,
                                         compose_plans)
 from genfoundry.errors import ConfigError
 from genfoundry.shards.index import ShardError
 
-FORMAT_VERSION = 2  # 2: the order comes from seeding.mix
+FORMAT_VERSION = 3  # 2: the order comes from seeding.mix; 3: num_samples counts trained samples only
 
 
 @dataclass
@@ -116,13 +119,14 @@ class DataPipeline:
     def loader(self, dataset, global_batch_size: int, device="cpu", seed: int = 0, num_workers: int = 0,
                rank: int | None = None, world_size: int | None = None, prefetch: int = 2,
                window: int = 4096, gpu_decode: bool | None = None, accumulation: int = 1,
-               decode_in_workers: bool = True) -> ShardLoader:
+               decode_in_workers: bool = True, exclude=None) -> ShardLoader:
         """Binds the pipeline to a shard set. Each batch is one rank's micro-batch of a global batch
         (`accumulation` of them per global batch).
 
         `gpu_decode` None uses nvJPEG where torchvision can. With GPU decoding and `num_workers` > 0,
         `decode_in_workers` decodes in the (spawned) worker processes, several batches at once, and
         passes the decoded batches through CUDA IPC; False decodes in this process, one batch at a time.
+        `exclude`: global sample indices never served (a validation hold-out, `order.held_out`).
         """
         from genfoundry import accel
         from genfoundry.data import gpu_decode as gpu
@@ -136,7 +140,7 @@ class DataPipeline:
         return ShardLoader(self, dataset, global_batch_size, device, seed, num_workers,
                            accel.rank() if rank is None else rank,
                            accel.world_size() if world_size is None else world_size, prefetch, window, mode,
-                           accumulation, decode_in_workers)
+                           accumulation, decode_in_workers, exclude)
 
 
 class _BatchReader(torch.utils.data.Dataset):
@@ -159,8 +163,7 @@ class _BatchReader(torch.utils.data.Dataset):
 
     def _order_of(self, epoch: int) -> np.ndarray:
         if epoch != self.epoch:
-            b = self.batches
-            self.epoch, self.order = epoch, global_order(b.shard_sizes, b.seed, epoch, b.window)
+            self.epoch, self.order = epoch, self.batches.order(epoch)
         return self.order
 
     def _payload(self, data: bytes, rng):
@@ -186,10 +189,14 @@ class _BatchReader(torch.utils.data.Dataset):
             params.append(None)
             try:
                 data, meta = self.dataset.read(int(index))
-                keys[slot] = str(meta.get("key", index))
-                labels[slot] = -1 if meta.get("label") is None else int(meta["label"])
+            except (ShardError, OSError) as e:  # the shard, not the sample: stop, never substitute
+                return ReadFailure(f"cannot read sample {index} of '{_name(self.dataset)}': "
+                                   f"{getattr(e, 'strerror', None) or e}")
+            keys[slot] = str(meta.get("key", index))
+            labels[slot] = -1 if meta.get("label") is None else int(meta["label"])
+            try:
                 payloads[slot], params[slot] = self._payload(data, rng)
-            except (DecodeError, ValueError, OSError) as e:
+            except DecodeError as e:  # this sample's bytes: substituted below, counted and named
                 failures[slot] = f"{type(e).__name__}: {e}"
         if failures:
             _substitute([payloads, params, labels], failures, keys)
@@ -211,10 +218,19 @@ class _BatchReader(torch.utils.data.Dataset):
             images = [pl[1] for pl in payloads]
             sizes = {im.shape for im in images}
             if len(sizes) > 1:
-                raise ShardError(f"samples of one batch have different sizes {sorted(sizes)}; end the size "
-                                 f"transforms with a fixed-size crop or Resize((height, width))")
+                (h0, w0, _), (h1, w1, _) = sorted(sizes)[:2]
+                raise ShardError(f"samples of one batch have {len(sizes)} sizes (e.g. {w0}x{h0} and {w1}x{h1}); end "
+                                 f"the pipeline's size transforms with CenterCrop or Resize((height, width))")
             x = torch.from_numpy(np.stack(images))
         return indices, x, p, y, keys, failures
+
+
+@dataclass
+class ReadFailure:
+    """What a reader returns instead of a batch when a shard cannot be read: raised in the main process
+    as one ShardError line (an exception raised in a worker would arrive wrapped in its traceback)."""
+
+    message: str
 
 
 def _decode_and_substitute(packed, params, labels, keys, failures, channels, device):
@@ -255,14 +271,15 @@ class ShardLoader:
 
     def __init__(self, pipeline: DataPipeline, dataset, global_batch_size: int, device: torch.device, seed: int,
                  num_workers: int, rank: int, world_size: int, prefetch: int, window: int, mode: str = "cpu",
-                 accumulation: int = 1, decode_in_workers: bool = True):
+                 accumulation: int = 1, decode_in_workers: bool = True, exclude=None):
         if isinstance(dataset, str):
             from genfoundry.shards import ShardDataset
 
             dataset = ShardDataset(dataset)
         self.pipeline, self.dataset, self.device, self.mode = pipeline, dataset, device, mode
         sizes = [int(s["num_samples"]) for s in dataset.shards]
-        self.batches = GlobalBatches(sizes, global_batch_size, seed, window)
+        exclude = None if exclude is None else np.unique(np.asarray(exclude, dtype=np.int64))
+        self.batches = GlobalBatches(sizes, global_batch_size, seed, window, exclude)
         self.local_batch_size = self.batches.local_batch_size(world_size, accumulation)
         self.rank, self.world_size, self.accumulation = rank, world_size, accumulation
         self.num_workers, self.prefetch = num_workers, prefetch
@@ -271,13 +288,14 @@ class ShardLoader:
         self.epoch, self.batch, self.micro = 0, 0, 0
         self.corrupt: Counter[str] = Counter()  # key -> times substituted
         self.corrupt_reasons: dict[str, str] = {}
+        self.failure_log: Path | None = None  # where each substitution is appended as a JSON line
         self._iterator = None
 
     def state_dict(self) -> dict:
         return {"format_version": FORMAT_VERSION, "seed": self.batches.seed, "epoch": self.epoch,
                 "batch": self.batch, "micro": self.micro, "accumulation": self.accumulation,
                 "global_batch_size": self.batches.global_batch_size,
-                "num_samples": sum(self.batches.shard_sizes)}
+                "num_samples": self.batches.num_samples}
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("format_version", "seed", "global_batch_size", "num_samples"):
@@ -307,6 +325,8 @@ class ShardLoader:
         items = iter(loader)
         try:
             for item in items:
+                if isinstance(item, ReadFailure):
+                    raise ShardError(item.message)
                 batch = self._finish(*item)
                 self.micro += 1
                 if self.micro == self.accumulation:
@@ -340,17 +360,32 @@ class ShardLoader:
         b = next(self._iterator)
         return b.images, b.labels
 
+    def _record_failure(self, key: str, index: int, reason: str) -> None:
+        """A sample that failed to decode: counted, warned about once, appended to `failure_log`."""
+        self.corrupt[key] += 1
+        self.corrupt_reasons[key] = reason
+        if self.corrupt[key] == 1:
+            warnings.warn(f"sample {key} of '{_name(self.dataset)}' failed to decode and was replaced by another sample "
+                          f"of its batch: {reason}", stacklevel=2)
+        if self.failure_log is not None:
+            row = {"key": key, "index": index, "epoch": self.epoch, "rank": self.rank, "reason": reason}
+            with open(self.failure_log, "a") as f:  # one short line per write: appends do not interleave
+                f.write(json.dumps(row) + "\n")
+
     def _finish(self, indices, images, params, labels, keys, failures) -> Batch:
         if self.mode == "gpu" and not self.worker_decode:
             images, failures = _decode_and_substitute(images, params, labels, keys, failures,
                                                       self.pipeline.channels, self.device)
         metrics.report("data/corrupt_per_batch", len(failures))
         for slot, reason in failures.items():
-            self.corrupt[keys[slot]] += 1
-            self.corrupt_reasons[keys[slot]] = reason
+            self._record_failure(keys[slot], int(indices[slot]), reason)
         x = images.to(self.device, non_blocking=True)
         p, y = (torch.from_numpy(a).to(self.device, non_blocking=True) for a in (params, labels))
         return Batch(self.pipeline.apply_batch(x, p), y, keys, np.asarray(indices))
+
+
+def _name(dataset) -> str:
+    return str(getattr(dataset, "url", type(dataset).__name__))
 
 
 def _collate(item):

@@ -217,7 +217,11 @@ class ShardDataset:
             blob = _pread(self._fd(shard), length, image_at)
         if len(blob) != length:
             raise ShardError(f"{self.shards[shard]['name']} is truncated (sample {index}); run verify()")
-        meta = json.loads(blob[meta_at - image_at:])
+        try:
+            meta = json.loads(blob[meta_at - image_at:])
+        except ValueError:
+            raise ShardError(f"{self.shards[shard]['name']} holds unreadable metadata for sample {index}; "
+                             f"run verify()") from None
         return blob[:image_size], meta
 
     def __getitem__(self, index: int) -> tuple[bytes, dict]:

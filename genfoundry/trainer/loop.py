@@ -65,6 +65,8 @@ class Trainer:
         self.micro_batch = self.plan_micro_batch()
         self.accumulation = parallel.split_global_batch(tc.global_batch_size, self.world, self.micro_batch)
         self.loader = self.data.make_loader(self.rank, self.world, self.accumulation)
+        if hasattr(self.loader, "failure_log"):  # samples that fail to decode, named in the run's records
+            self.loader.failure_log = self.run_dir / "data-failures.jsonl"
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2),
                                            weight_decay=tc.weight_decay)
         self.scaler = DynamicLossScaler(tc.loss_scale_init, tc.loss_scale_growth_interval) if tc.precision == "fp16" else None
