@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import os
 import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,13 +28,14 @@ class SourceError(GenfoundryError):
 
 @dataclass
 class ImageSet:
-    """Images as uint8 [N, H, W, C] with integer class labels."""
+    """Images as uint8 [N, H, W, C] with integer class labels (-1: none, trained as the null class)."""
 
     name: str
     images: np.ndarray
     labels: np.ndarray
     class_names: list[str]
     skipped: dict[str, str] = field(default_factory=dict)  # path -> reason, for folder sources
+    notes: list[str] = field(default_factory=list)  # one line each: what was left out, converted or unlabelled
 
     @property
     def num_classes(self) -> int:
@@ -105,6 +108,41 @@ def load_fashion_mnist(split: str = "train", root: Path = FASHION_MNIST_DIR) -> 
     return ImageSet("fashion-mnist", images, labels, list(FASHION_MNIST_CLASSES))
 
 
+ORIENTATION = 0x0112  # the EXIF tag
+GRAY_MODES = {"1", "L", "LA", "La", "I", "F", "I;16", "I;16L", "I;16B", "I;16N"}  # Pillow modes that become L
+
+
+def orientation(image) -> int:
+    """The EXIF orientation (1-8, 1 upright) of an opened image, read without decoding its pixels."""
+    if image.format == "PNG" and "exif" not in image.info:
+        return 1  # PNG's eXIf chunk precedes the pixels, so it is read at open; Pillow would decode to look on
+    return image.getexif().get(ORIENTATION, 1)
+
+
+def channels_of(image) -> int:
+    """1 or 3: the channels `as_8bit` gives this image, known from its header."""
+    return 1 if image.mode in GRAY_MODES else 3
+
+
+def as_8bit(image, channels: int | None = None):
+    """An opened image as 8-bit L or RGB (or as `channels` asks), upright as its EXIF orientation says.
+
+    16-bit modes, and mode I (which Pillow also gives 16-bit PGM and TIFF files), are scaled from
+    0..65535, float mode F from 0..1; Pillow's own convert would clip them to white. Alpha is dropped
+    and palettes expanded."""
+    from PIL import Image, ImageOps
+
+    if orientation(image) != 1:
+        image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I"):
+        image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257.0).round().clip(0, 255).astype(np.uint8))
+    elif image.mode == "F":
+        pixels = np.nan_to_num(np.asarray(image, dtype=np.float64) * 255.0)
+        image = Image.fromarray(pixels.round().clip(0, 255).astype(np.uint8))
+    mode = {1: "L", 3: "RGB"}[channels or channels_of(image)]
+    return image if image.mode == mode else image.convert(mode)
+
+
 def center_crop_resize(image, resolution: int):
     from PIL import Image
 
@@ -115,37 +153,158 @@ def center_crop_resize(image, resolution: int):
     return image.resize((resolution, resolution), Image.Resampling.BICUBIC)
 
 
-def load_folder(root: str | Path, resolution: int = 64, channels: int = 3) -> ImageSet:
-    """Every image under `root`, recursively; the first directory level below root names the class.
+@dataclass
+class FolderListing:
+    """The image files of a folder in packing order, with their labels, and the entries left out."""
 
-    Images are centre-cropped to a square and resized to `resolution`. Files that fail to decode are
-    skipped and recorded in `ImageSet.skipped` with the reason.
-    """
-    from PIL import Image, UnidentifiedImageError
+    root: Path
+    files: list[tuple[Path, int | None]]  # label None: a file at the top, beside class folders
+    class_names: list[str]
+    left_out: dict[str, str]              # path -> reason: a broken or looping symbolic link
 
-    root = Path(root)
+
+def _could_be_input(name: str) -> bool:
+    suffix = Path(name).suffix.lower()
+    return suffix in IMAGE_SUFFIXES or not suffix  # no suffix: perhaps a class folder
+
+
+def _walk(root: Path) -> tuple[list[str], dict[str, str]]:
+    """Relative paths of the image files under `root` (symbolic links followed), and what was left out.
+
+    A folder that cannot be listed is an error rather than a left-out entry: its files, perhaps a whole
+    class, would be missing without a trace of how many."""
+    files, left_out = [], {}
+
+    def visit(folder: Path, prefix: str, ancestors: frozenset[str]) -> None:
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            raise SourceError(f"cannot read the folder '{folder}' ({e.strerror or e}); make it readable or move "
+                              f"it out of '{root}'") from None
+        for entry in entries:
+            rel = prefix + entry.name
+            try:
+                is_dir = entry.is_dir()  # follows symbolic links; False for a broken one
+                is_file = not is_dir and entry.is_file()
+            except OSError as e:  # a link to itself, or a cycle of links
+                if _could_be_input(entry.name):
+                    left_out[entry.path] = f"symbolic link loop: {e.strerror or e}"
+                continue
+            if entry.is_symlink() and not (is_dir or is_file) and not os.path.exists(entry.path):
+                if _could_be_input(entry.name):
+                    left_out[entry.path] = f"broken symbolic link to '{os.readlink(entry.path)}', which does not exist"
+            elif is_dir:
+                real = os.path.realpath(entry.path)
+                if real in ancestors:
+                    left_out[entry.path] = f"symbolic link loop: leads back to '{real}'"
+                else:
+                    visit(Path(entry.path), rel + "/", ancestors | {real})
+            elif is_file and Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
+                files.append(rel)
+
+    visit(root, "", frozenset({os.path.realpath(root)}))
+    return sorted(files), left_out
+
+
+def list_folder(root: str | Path) -> FolderListing:
+    """The image files under `root`, recursively, sorted by relative path; the first folder level names
+    the class. A folder without class folders is one class named after it (label 0). Files at the top
+    of a folder that has class folders have no class (label None): they train only the unconditional
+    (null) class."""
+    root = Path(os.path.abspath(os.path.expanduser(root)))
     if not root.is_dir():
         raise SourceError(f"image folder '{root}' does not exist")
-    paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not paths:
-        raise SourceError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under '{root}'")
-    class_of = {p: (p.relative_to(root).parts[0] if len(p.relative_to(root).parts) > 1 else "") for p in paths}
-    class_names = sorted(set(class_of.values()))
-    mode = {1: "L", 3: "RGB"}[channels]
-    images, labels, skipped = [], [], {}
-    for p in paths:
+    rels, left_out = _walk(root)
+    if not rels:
+        raise SourceError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under '{root}'"
+                          + (f"; {len(left_out)} broken or looping links left out" if left_out else ""))
+    class_names = sorted({rel.split("/")[0] for rel in rels if "/" in rel})
+    if not class_names:
+        return FolderListing(root, [(root / rel, 0) for rel in rels], [root.name], left_out)
+    label = {name: i for i, name in enumerate(class_names)}
+    files = [(root / rel, label[rel.split("/")[0]] if "/" in rel else None) for rel in rels]
+    return FolderListing(root, files, class_names, left_out)
+
+
+def choose_channels(counts: dict[int, int], requested: int = 0) -> tuple[int, str | None]:
+    """`requested` (data.channels) if set, else the data set's majority (colour on a tie), and the note
+    on how many images that converts, or None when it converts none."""
+    channels = requested or (1 if counts.get(1, 0) > counts.get(3, 0) else 3)
+    other = 4 - channels
+    converted, total = counts.get(other, 0), counts.get(1, 0) + counts.get(3, 0)
+    if not converted:
+        return channels, None
+    kind, target = ("grayscale", "RGB") if other == 1 else ("colour", "grayscale")
+    why = (f"as --data.channels={channels} asks" if requested
+           else f"set --data.channels={other} to train in {'grayscale' if other == 1 else 'colour'}")
+    return channels, f"{converted} of {total} images are {kind} and are converted to {target}; {why}"
+
+
+def unlabelled_note(count: int, folder: str) -> str:
+    one = count == 1
+    return (f"{count} {'file' if one else 'files'} at the top of '{folder}' {'has' if one else 'have'} no class "
+            f"folder: {'it trains' if one else 'they train'} only the unconditional (null) class")
+
+
+def failure_reason(e: Exception) -> str:
+    """Why an input was left out, from the decoder's exception, the same in every run."""
+    # Messages can carry object addresses; stripped, a redone shard's index is byte-identical.
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(e).__name__}: {e}")
+
+
+def left_out_note(left_out: dict[str, str], total: int, root: Path, examples: int = 3) -> str:
+    """One line: how many of `total` inputs were left out, with the first few and their reasons."""
+    named = [f"{os.path.relpath(path, root)} ({reason})" for path, reason in list(left_out.items())[:examples]]
+    more = f" and {len(left_out) - examples} more" if len(left_out) > examples else ""
+    return f"{len(left_out)} of {total} files under '{root.name}' are left out: {', '.join(named)}{more}"
+
+
+def load_folder(root: str | Path, resolution: int = 64, channels: int = 0) -> ImageSet:
+    """Every image under `root` as `list_folder` lists them, centre-cropped to a square and resized to
+    `resolution`, decoded as the packer decodes them (`as_8bit`).
+
+    `channels` 0 takes the majority of the images' own (colour on a tie). Unlabelled files get label -1.
+    Files that fail to open or decode (a decompression bomb included) and broken links are left out and
+    recorded in `ImageSet.skipped`; `ImageSet.notes` says what was left out, converted or unlabelled.
+    """
+    from PIL import Image
+
+    listing = list_folder(root)
+    skipped = dict(listing.left_out)
+    own: dict[Path, int] = {}
+    for path, _ in listing.files:  # headers only: Pillow reads no pixels until asked
         try:
-            with Image.open(p) as im:
-                im = center_crop_resize(im.convert(mode), resolution)
-                images.append(np.asarray(im, dtype=np.uint8).reshape(resolution, resolution, channels))
-        except (UnidentifiedImageError, OSError, ValueError) as e:
-            skipped[str(p)] = f"{type(e).__name__}: {e}"
+            with Image.open(path) as im:
+                own[path] = channels_of(im)
+        except Exception as e:  # any decoder error, DecompressionBombError too: record it, leave the file out
+            skipped[str(path)] = failure_reason(e)
+    counts = {c: sum(v == c for v in own.values()) for c in (1, 3)}
+    channels, channel_note = choose_channels(counts, channels)
+    images, labels = [], []
+    for path, label in listing.files:
+        if path not in own:
             continue
-        labels.append(class_names.index(class_of[p]))
+        try:
+            with Image.open(path) as im:
+                image = center_crop_resize(as_8bit(im, channels), resolution)
+        except Exception as e:  # any decoder error: record it, leave the file out
+            skipped[str(path)] = failure_reason(e)
+            continue
+        images.append(np.asarray(image, dtype=np.uint8).reshape(resolution, resolution, channels))
+        labels.append(-1 if label is None else label)
+    total = len(listing.files) + len(listing.left_out)
     if not images:
-        raise SourceError(f"none of the {len(paths)} images under '{root}' could be decoded")
-    names = [c or root.name for c in class_names]
-    return ImageSet(root.name, np.stack(images), np.asarray(labels, dtype=np.int64), names, skipped)
+        path, reason = next(iter(skipped.items()))
+        raise SourceError(f"none of the {total} images under '{listing.root}' could be decoded, e.g. {path}: {reason}")
+    notes = [channel_note] if channel_note else []
+    unlabelled = sum(label < 0 for label in labels)
+    if unlabelled:
+        notes.append(unlabelled_note(unlabelled, listing.root.name))
+    if skipped:
+        notes.append(left_out_note(skipped, total, listing.root))
+    return ImageSet(listing.root.name, np.stack(images), np.asarray(labels, dtype=np.int64), listing.class_names,
+                    skipped, notes)
 
 
 SOURCES = {
@@ -154,8 +313,8 @@ SOURCES = {
 }
 
 
-def load_images(source: str, split: str = "train", resolution: int = 64, channels: int = 3) -> ImageSet:
-    """A named dataset ('mnist', 'fashion-mnist') or a path to an image folder."""
+def load_images(source: str, split: str = "train", resolution: int = 64, channels: int = 0) -> ImageSet:
+    """A named dataset ('mnist', 'fashion-mnist') or a path to an image folder (`channels` 0: its majority)."""
     if source in SOURCES:
         return SOURCES[source](split)
     if Path(source).exists():

@@ -41,7 +41,7 @@ def test_pack_folder_counts_and_records_failures(folder, tmp_path):
     out = tmp_path / "shards"
     index = pack(str(folder), str(out), samples_per_shard=3, workers=1, progress=False)
     assert (index["num_samples"], index["num_inputs"], index["num_failures"]) == (9, 11, 2)
-    assert index["class_names"] == ["cat", "dog"] and index["format_version"] == 1
+    assert index["class_names"] == ["cat", "dog"] and index["format_version"] == 2
     assert index["options"] == {"source": str(folder), "samples_per_shard": 3, "resolution": None,
                                 "image_format": "keep", "quality": 90}
     # 11 sorted inputs in shards of 3: cat/broken.jpg falls in shard 1, dog/notes.png in shard 3.

@@ -54,8 +54,9 @@ def training_data(cfg, global_batch_size: int, val_batch_size: int, seed: int, d
         train, val = load_images(cfg.source, cfg.split), load_images(cfg.source, cfg.val_split)
         notes = [f"validation: {min(val_batch_size, len(val))} images of the '{cfg.val_split}' split"]
     else:
-        images = load_images(cfg.source, resolution=cfg.resolution or FOLDER_RESOLUTION, channels=cfg.channels or 3)
+        images = load_images(cfg.source, resolution=cfg.resolution or FOLDER_RESOLUTION, channels=cfg.channels)
         held, notes = _holdout(len(images), cfg.holdout, val_batch_size, global_batch_size, images.name)
+        notes = images.notes + notes  # what was left out, converted to the chosen channels or is unlabelled
         val = dataclasses.replace(images, images=images.images[held], labels=images.labels[held])
         if cfg.holdout:
             keep = np.setdiff1d(np.arange(len(images)), held, assume_unique=True)
@@ -95,9 +96,9 @@ def _from_shards(cfg, global_batch_size, val_batch_size, seed, device) -> Traini
 
     dataset = ShardDataset(cfg.source)
     name = Path(str(cfg.source).rstrip("/")).name
-    first, _ = dataset.read(0)
-    channels = cfg.channels or _channels_of(first)
+    channels, content_notes = _channels_of(dataset, cfg.channels)
     resolution, notes = shard_resolution(dataset, cfg.resolution)
+    notes = content_notes + notes
     held, held_note = _holdout(len(dataset), cfg.holdout, val_batch_size, global_batch_size, name)
     notes += held_note
     class_names = dataset.class_names or [""]
@@ -182,10 +183,34 @@ def shard_pipeline(resolution: int, channels: int, fast_jpeg: bool = False, hfli
     return p.add_transform(RandomHorizontalFlip()) if hflip else p
 
 
-def _channels_of(data: bytes) -> int:
-    import io
+def _channels_of(dataset, requested: int = 0) -> tuple[int, list[str]]:
+    """The channels a shard set trains with (`requested`, else the set's majority) and the notes on what
+    that converts and which samples have no label, from index.json; sets packed before format 2 have
+    no counts there, so every sample's header is read (Pillow decodes no pixels for it)."""
+    from genfoundry.data.decode import DecodeError, image_channels
+    from genfoundry.sources import choose_channels
 
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        return 1 if im.mode in ("L", "1", "I;16") else 3
+    index, notes = dataset.index, []
+    if "channels" in index:
+        counts = {int(c): n for c, n in index["channels"].items()}
+        unlabelled = index["num_unlabelled"]
+    else:
+        counts, unlabelled = {1: 0, 3: 0}, 0
+        for i in range(len(dataset)):
+            data, meta = dataset.read(i)
+            unlabelled += meta.get("label") is None
+            try:
+                counts[image_channels(data)] += 1
+            except DecodeError:
+                continue  # the loader substitutes it, and counts and names it, when it comes up
+        notes.append(f"read the headers of {len(dataset)} samples to count their channels (packed before "
+                     f"shard format 2; pack again to skip this)")
+    channels, note = choose_channels(counts, requested)
+    notes += [note] if note else []
+    if unlabelled == len(dataset):
+        notes.append("no sample has a label: all train only the unconditional (null) class; pack the images "
+                     "again to make them one class")
+    elif unlabelled:
+        notes.append(f"{unlabelled} of {len(dataset)} samples have no class (files at the top of a folder with "
+                     f"class folders, or list rows without a label): they train only the unconditional (null) class")
+    return channels, notes

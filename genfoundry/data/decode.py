@@ -2,6 +2,11 @@
 
 JPEG goes through libjpeg-turbo via simplejpeg; other formats through Pillow. simplejpeg cannot decode
 only a region, so the crop is taken from the (possibly down-scaled) full decode.
+
+`as_8bit` is the one place where a file's pixels become 8-bit L or RGB: the packer, in-memory folders
+and the Pillow branch here all go through it, so a file gives the same pixels on every path. It lives
+in genfoundry.sources, which the packer's worker processes import without torch (2.5 s and 200 MB
+each), and is imported here.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from genfoundry.errors import GenfoundryError
+from genfoundry.sources import as_8bit, channels_of, orientation
 
 try:
     import simplejpeg
@@ -29,13 +35,26 @@ class DecodeError(GenfoundryError):
 
 
 def image_size(data: bytes) -> tuple[int, int]:
-    """(width, height) from the header, without decoding the pixels."""
+    """(width, height) as `decode` sees the image, from the header, without decoding the pixels.
+
+    Pillow's path applies EXIF orientation (`as_8bit`), simplejpeg's does not, as nvJPEG does not: the
+    packer stores only upright JPEGs, so both agree on packed data."""
     try:
         if simplejpeg is not None and data[:2] == JPEG_MAGIC:
             h, w, _, _ = simplejpeg.decode_jpeg_header(data)
             return w, h
         with Image.open(io.BytesIO(data)) as im:
-            return im.size
+            w, h = im.size
+            return (h, w) if orientation(im) in (5, 6, 7, 8) else (w, h)  # these turn the image a quarter
+    except Exception as e:  # decoders raise a variety of types for broken headers
+        raise DecodeError(f"unreadable image header: {type(e).__name__}: {e}") from None
+
+
+def image_channels(data: bytes) -> int:
+    """1 or 3: the channels the image decodes to by itself, from its header."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return channels_of(im)
     except Exception as e:  # decoders raise a variety of types for broken headers
         raise DecodeError(f"unreadable image header: {type(e).__name__}: {e}") from None
 
@@ -74,7 +93,7 @@ def decode(data: bytes, box: tuple[float, float, float, float], out_size: tuple[
             image = Image.open(io.BytesIO(data))
             if shrink and image.format == "JPEG":
                 image.draft(mode, (math.ceil(width * out_size[0] / box_w), math.ceil(height * out_size[1] / box_h)))
-            image = image.convert(mode)
+            image = as_8bit(image, channels)
     except Exception as e:  # corrupt data surfaces as many exception types
         raise DecodeError(f"{type(e).__name__}: {e}") from None
     scaled = _scale_box(box, image.width / width, image.height / height)

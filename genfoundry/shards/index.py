@@ -16,7 +16,10 @@ from pathlib import Path
 
 from genfoundry.errors import GenfoundryError
 
-FORMAT_VERSION = 1
+# 2: keep mode stores 16-bit, EXIF-rotated and CMYK JPEG inputs as PNG; index.json counts channels,
+# image sizes, re-encoded and unlabelled samples; a folder without class folders is one class.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # format 1 sets read as before; training then counts channels from the headers
 TAR_BLOCK = 512
 TAR_RECORD = 20 * TAR_BLOCK  # archives end padded to a whole record, as tar(1) writes them
 INDEX_NAME = "index.json"
@@ -88,7 +91,7 @@ def read_shard_index(data: bytes, name: str) -> dict:
         idx = json.loads(data)
     except ValueError as e:
         raise ShardError(f"{name} is not valid JSON ({e}); pack the shards again") from None
-    if not isinstance(idx, dict) or idx.get("format_version") != FORMAT_VERSION:
+    if not isinstance(idx, dict) or idx.get("format_version") not in READABLE_VERSIONS:
         raise ShardError(f"{name} is not a format-{FORMAT_VERSION} shard index; pack the shards again")
     offsets = idx.get("offsets")
     if not isinstance(offsets, list) or len(offsets) != idx.get("num_samples"):
@@ -98,9 +101,10 @@ def read_shard_index(data: bytes, name: str) -> dict:
 
 def check_dataset_index(index: dict, where: str) -> None:
     """The dataset index must be self-consistent before any sample number is mapped to a shard."""
-    if not isinstance(index, dict) or index.get("format_version") != FORMAT_VERSION:
+    if not isinstance(index, dict) or index.get("format_version") not in READABLE_VERSIONS:
         found = index.get("format_version") if isinstance(index, dict) else None
-        raise ShardError(f"'{where}' has shard format version {found}, this genfoundry reads {FORMAT_VERSION}")
+        raise ShardError(f"'{where}' has shard format version {found}, this genfoundry reads "
+                         f"{' and '.join(map(str, READABLE_VERSIONS))}; pack it again with this version")
     start = 0
     for s in index.get("shards", []):
         if s.get("first_sample") != start:

@@ -13,7 +13,8 @@ import io
 import json
 import os
 import re
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -23,7 +24,8 @@ from genfoundry.shards.index import (FAILURES_NAME, FORMAT_VERSION, INDEX_NAME, 
                                      TEMP_FILE, ShardError, encode_json, idx_name, read_shard_index, sample_key,
                                      sha256_bytes, sha256_file, tar_name, ustar_header, write_atomic)
 from genfoundry.errors import writable_directory
-from genfoundry.sources import IMAGE_SUFFIXES, SOURCES, SourceError, center_crop_resize, load_images
+from genfoundry.sources import (SOURCES, SourceError, as_8bit, center_crop_resize, channels_of, failure_reason,
+                                list_folder, load_images, orientation)
 
 FORMATS = ("keep", "jpeg", "png")
 SMALL_SIDE = 64  # at or below this side, JPEG artefacts are a large share of the signal: store PNG
@@ -31,7 +33,7 @@ SMALL_SIDE = 64  # at or below this side, JPEG artefacts are a large share of th
 _EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp",
                "TIFF": "tiff"}
 _LOSSY = {"JPEG", "MPO"}
-ORIENTATION = 0x0112  # the EXIF tag
+_JPEG_MODES = ("L", "RGB")  # what simplejpeg and nvJPEG decode as Pillow does (not CMYK)
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class Inputs:
     items: list[Input]
     class_names: list[str]
     arrays: np.ndarray | None = None  # uint8 [N, H, W, C] pixels when the source is a dataset
+    left_out: list[dict] = field(default_factory=list)  # {"source", "reason"} of entries the listing skipped
 
 
 @dataclass
@@ -76,28 +79,20 @@ def list_inputs(src: str) -> Inputs:
         return Inputs(items, list(images.class_names), images.images)
     path = Path(os.path.expanduser(src))
     if path.is_dir():
-        return _list_folder(path)
+        try:
+            listing = list_folder(path)
+        except SourceError as e:
+            raise ShardError(str(e)) from None
+        items = [Input(str(p), label, None if label is None else listing.class_names[label])
+                 for p, label in listing.files]
+        left_out = [{"source": source, "reason": reason} for source, reason in listing.left_out.items()]
+        return Inputs(items, listing.class_names, left_out=left_out)
     if path.is_file() and path.suffix.lower() in (".csv", ".parquet"):
         return _list_file(path)
     if path.is_file():
         raise ShardError(f"'{src}' is a file but not a .csv or .parquet list of images")
     raise ShardError(f"source '{src}' does not exist: give an image folder, a .csv/.parquet list with a 'path' "
                      f"column, or one of {', '.join(f'{s}[:split]' for s in sorted(SOURCES))}")
-
-
-def _list_folder(root: Path) -> Inputs:
-    root = Path(os.path.abspath(root))
-    files = sorted((p.relative_to(root).as_posix(), p) for p in root.rglob("*")
-                   if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not files:
-        raise ShardError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under '{root}'")
-    # As in sources.load_folder: the first folder level names the class; files at the top have none.
-    classes = sorted({rel.split("/")[0] for rel, _ in files if "/" in rel})
-    items = []
-    for rel, p in files:
-        cls = rel.split("/")[0] if "/" in rel else None
-        items.append(Input(str(p), classes.index(cls) if cls else None, cls))
-    return Inputs(items, classes)
 
 
 def _read_rows(path: Path) -> tuple[list[dict], list[str]]:
@@ -145,7 +140,9 @@ def _list_file(path: Path) -> Inputs:
     raw = [None if v is None or v == "" or (isinstance(v, float) and v != v) else v for v in raw]
     given = [v for v in raw if v is not None]
     ints = [_as_int(v) for v in given]
-    if given and all(i is not None for i in ints):
+    if not given:  # a list without labels is one class named after it, as a folder without class folders
+        class_names = [path.stem]
+    elif all(i is not None for i in ints):
         class_names = [str(i) for i in range(max(ints) + 1)]
     elif any(i is not None for i in ints):
         raise ShardError(f"the 'label' column of '{path}' mixes integers and class names; use one or the other")
@@ -153,8 +150,11 @@ def _list_file(path: Path) -> Inputs:
         class_names = sorted({str(v) for v in given})
     items = []
     for row, value in zip(rows, raw):
-        label = None if value is None else (_as_int(value) if _as_int(value) is not None
-                                            else class_names.index(str(value)))
+        if not given:
+            label = 0
+        else:
+            label = None if value is None else (_as_int(value) if _as_int(value) is not None
+                                                else class_names.index(str(value)))
         caption = row.get("caption")
         caption = None if caption is None or caption == "" or caption != caption else str(caption)
         file = Path(str(row["path"] or ""))
@@ -163,46 +163,65 @@ def _list_file(path: Path) -> Inputs:
     return Inputs(items, class_names)
 
 
-def _reason(e: Exception) -> str:
-    # Messages can carry object addresses; strip them so that a redone shard's index is byte-identical.
-    return re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(e).__name__}: {e}")
+def _raw_mode(image) -> str:
+    """How the file lays out its samples (e.g. 'I;16B', 'RGB;16B'), known before the pixels are decoded."""
+    args = image.tile[0][3] if image.tile else ""
+    if isinstance(args, tuple):
+        args = args[0] if args else ""
+    return args if isinstance(args, str) else ""
 
 
-def _to_8bit(image):
-    if image.mode.startswith("I;16"):  # 16-bit grey: PIL's convert('L') would clip instead of scale
-        from PIL import Image
+def _reencode_reason(image, kind: str | None) -> str | None:
+    """Why `keep` cannot store an opened file's bytes as they are, or None.
 
-        return Image.fromarray((np.asarray(image, dtype=np.float64) / 257.0).round().astype(np.uint8))
-    mode = "L" if image.mode in ("1", "L", "LA", "I", "F") else "RGB"
-    return image if image.mode == mode else image.convert(mode)
+    Every reader must decode the stored bytes alike and without extra work: simplejpeg and nvJPEG
+    ignore EXIF orientation and decode only grayscale and YCbCr JPEGs, and scaling 16-bit or float
+    samples down on every read is wasted work. Read from the header, before a decode empties `tile`."""
+    reasons = []
+    raw = _raw_mode(image)
+    if image.mode.startswith("I;16") or (";16" in raw and raw.split(";")[0] == image.mode):
+        reasons.append("16-bit")
+    elif image.mode in ("I", "F"):
+        reasons.append("32-bit integer" if image.mode == "I" else "float")
+    if (o := orientation(image)) != 1:
+        reasons.append(f"EXIF orientation {o}")
+    if kind in _LOSSY and image.mode not in _JPEG_MODES:
+        reasons.append(f"{image.mode} JPEG")
+    return "; ".join(reasons) or None
 
 
 def encode(item: Input, array: np.ndarray | None, resolution: int | None, image_format: str,
-           quality: int) -> tuple[bytes, str, tuple[int, int]]:
-    """(bytes, extension, original (w, h)) of one input; raises if the input does not decode."""
-    from PIL import Image, ImageOps
+           quality: int) -> tuple[bytes, str, tuple[int, int], dict]:
+    """(bytes, extension, original (w, h), facts) of one input; raises if the input does not decode.
 
+    `facts` are the stored image's "channels" (1 or 3) and "size" ([w, h]), and "reencoded": why a
+    `keep` input was stored as lossless PNG rather than as its own bytes (None when it was not)."""
+    from PIL import Image
+
+    reason = None
     if array is not None:
         image, data, kind = Image.fromarray(array[..., 0] if array.shape[2] == 1 else array), None, "PNG"
     else:
         with open(item.source, "rb") as f:
             data = f.read()
         image = Image.open(io.BytesIO(data))
-        image.load()  # a full decode, so that a truncated file fails here rather than in training
         kind = image.format
+        reason = _reencode_reason(image, kind)
+        image.load()  # a full decode, so that a truncated file fails here rather than in training
     original = image.size
-    if data is not None and resolution is None and image_format == "keep":
-        return data, _EXTENSIONS.get(kind) or Path(item.source).suffix.lower().lstrip(".") or "img", original
-    # Re-encoding drops EXIF, so its orientation must be applied to the pixels now.
-    if array is None and image.getexif().get(ORIENTATION, 1) != 1:
-        image = ImageOps.exif_transpose(image)
-    image = _to_8bit(image)
+    keep = data is not None and resolution is None and image_format == "keep"
+    if keep and reason is None:
+        ext = _EXTENSIONS.get(kind) or Path(item.source).suffix.lower().lstrip(".") or "img"
+        return data, ext, original, {"channels": channels_of(image), "size": list(original), "reencoded": None}
+    # The one conversion every reader uses: EXIF orientation applied (re-encoding drops EXIF), 16-bit scaled.
+    image = as_8bit(image)
     if resolution is not None:
         # The same crop and filter as sources.load_folder: shards and in-memory folders give equal pixels.
         image = center_crop_resize(image, resolution)
+    facts = {"channels": 1 if image.mode == "L" else 3, "size": list(image.size), "reencoded": reason if keep else None}
     fmt = image_format
     if fmt == "keep":
-        fmt = "jpeg" if kind in _LOSSY and max(image.size) > SMALL_SIDE else "png"
+        fmt = "jpeg" if kind in _LOSSY and max(image.size) > SMALL_SIDE and not keep else "png"
     if fmt == "jpeg":
         import simplejpeg
 
@@ -210,10 +229,10 @@ def encode(item: Input, array: np.ndarray | None, resolution: int | None, image_
         gray = pixels.ndim == 2
         data = simplejpeg.encode_jpeg(np.ascontiguousarray(pixels[..., None] if gray else pixels), quality=quality,
                                       colorspace="GRAY" if gray else "RGB", colorsubsampling="444")
-        return data, "jpg", original
+        return data, "jpg", original, facts
     buf = io.BytesIO()
     image.save(buf, "PNG")
-    return buf.getvalue(), "png", original
+    return buf.getvalue(), "png", original, facts
 
 
 class _TarWriter:
@@ -243,17 +262,25 @@ def write_shard(task: _Task) -> dict:
     tar_path, idx_path = out / tar_name(task.number), out / idx_name(task.number)
     tmp = out / f".{tar_path.name}.tmp{os.getpid()}"
     keys, offsets, failures = [], [], []
+    channels, sizes, reencoded, unlabelled = Counter(), Counter(), Counter(), 0
     with open(tmp, "wb", buffering=1 << 20) as f:
         tar = _TarWriter(f)
         for k, item in enumerate(task.items):
             key = sample_key(task.first + k)
             try:
-                data, ext, original = encode(item, None if task.arrays is None else task.arrays[k], **task.encoding)
-            except Exception as e:  # any decoder error: record it, leave the input out, go on
-                failures.append({"source": item.source, "reason": _reason(e)})
+                data, ext, original, facts = encode(item, None if task.arrays is None else task.arrays[k],
+                                                    **task.encoding)
+            except Exception as e:  # any decoder error (a decompression bomb too): record it, leave it out, go on
+                failures.append({"source": item.source, "reason": failure_reason(e)})
                 continue
             meta = {"key": key, "label": item.label, "class_name": item.class_name, "caption": item.caption,
-                    "original_size": list(original), "source": item.source}
+                    "original_size": list(original), "source": item.source, "channels": facts["channels"]}
+            if facts["reencoded"]:
+                meta["reencoded"] = facts["reencoded"]
+                reencoded[facts["reencoded"]] += 1
+            channels[str(facts["channels"])] += 1
+            sizes[tuple(facts["size"])] += 1
+            unlabelled += item.label is None
             image_at = tar.add(f"{key}.{ext}", data)
             meta_at = tar.add(f"{key}.json", encode_json(meta))
             keys.append(key)
@@ -265,7 +292,9 @@ def write_shard(task: _Task) -> dict:
     idx = {"format_version": FORMAT_VERSION, "name": tar_path.name, "bytes": tar_path.stat().st_size,
            "sha256": sha256_file(tar_path), "recipe": task.recipe, "first_input": task.first,
            "num_inputs": len(task.items), "num_samples": len(keys), "keys": keys, "offsets": offsets,
-           "failures": failures}
+           "failures": failures, "channels": {c: channels[c] for c in ("1", "3")},
+           "sizes": [[w, h, n] for (w, h), n in sorted(sizes.items())], "reencoded": dict(sorted(reencoded.items())),
+           "num_unlabelled": unlabelled}
     data = encode_json(idx)
     write_atomic(idx_path, data)
     return _record(task.number, idx, data)
@@ -274,7 +303,8 @@ def write_shard(task: _Task) -> dict:
 def _record(number: int, idx: dict, idx_bytes: bytes) -> dict:
     return {"number": number, "name": idx["name"], "index": idx_name(number), "num_inputs": idx["num_inputs"],
             "num_samples": idx["num_samples"], "bytes": idx["bytes"], "sha256": idx["sha256"],
-            "index_sha256": sha256_bytes(idx_bytes), "failures": idx["failures"]}
+            "index_sha256": sha256_bytes(idx_bytes), "failures": idx["failures"],
+            **{k: idx[k] for k in ("channels", "sizes", "reencoded", "num_unlabelled")}}
 
 
 def _finished(out: Path, number: int, recipe: str) -> dict | None:
@@ -287,7 +317,8 @@ def _finished(out: Path, number: int, recipe: str) -> dict | None:
         idx = read_shard_index(data, idx_path.name)
     except ShardError:
         return None
-    if idx.get("recipe") != recipe or idx.get("bytes") != tar_path.stat().st_size:
+    if (idx.get("format_version") != FORMAT_VERSION or idx.get("recipe") != recipe
+            or idx.get("bytes") != tar_path.stat().st_size):
         return None
     return _record(number, idx, data)
 
@@ -319,8 +350,10 @@ def pack(src: str, out: str, samples_per_shard: int = 1000, resolution: int | No
 
     `src`: an image folder, a .csv/.parquet list with a 'path' column (and optional 'label', 'caption'),
     or 'mnist[:split]' / 'fashion-mnist[:split]'. With resolution=None and image_format='keep' the
-    original bytes are stored; otherwise images are re-encoded (centre-cropped and resized when
-    `resolution` is given) as 'jpeg' (at `quality`) or lossless 'png'.
+    original bytes are stored, except where readers would decode them differently or at extra cost
+    (16-bit, EXIF-rotated, CMYK JPEG): those are stored as lossless PNG and counted. Otherwise images
+    are re-encoded (centre-cropped and resized when `resolution` is given) as 'jpeg' (at `quality`) or
+    lossless 'png'. Inputs left out are rows of failures.jsonl, with the reason.
     """
     if image_format not in FORMATS:
         raise ShardError(f"image format must be one of {', '.join(FORMATS)}, got '{image_format}'")
@@ -351,7 +384,7 @@ def pack(src: str, out: str, samples_per_shard: int = 1000, resolution: int | No
 
     from tqdm import tqdm
 
-    failed = sum(len(r["failures"]) for r in records.values())
+    failed = len(inputs.left_out) + sum(len(r["failures"]) for r in records.values())
     with tqdm(total=len(inputs.items), initial=sum(r["num_inputs"] for r in records.values()), unit="img",
               desc=f"pack {Path(str(src)).name or src}", disable=not progress, dynamic_ncols=True) as bar:
         for record in _run(tasks, workers or os.cpu_count() or 1):
@@ -360,20 +393,46 @@ def pack(src: str, out: str, samples_per_shard: int = 1000, resolution: int | No
             bar.set_postfix(failed=failed, refresh=False)
             bar.update(record["num_inputs"])
 
-    shards, failures, start = [], [], 0
+    shards, failures, start = [], list(inputs.left_out), 0
+    channels, sizes, reencoded, unlabelled = Counter(), Counter(), Counter(), 0
     for number in range(num_shards):
         r = records[number]
         shards.append({"name": r["name"], "index": r["index"], "num_samples": r["num_samples"], "bytes": r["bytes"],
                        "sha256": r["sha256"], "index_sha256": r["index_sha256"], "first_sample": start})
         start += r["num_samples"]
         failures += r["failures"]
+        channels.update(r["channels"])
+        sizes.update({(w, h): n for w, h, n in r["sizes"]})
+        reencoded.update(r["reencoded"])
+        unlabelled += r["num_unlabelled"]
+    num_inputs = len(inputs.items) + len(inputs.left_out)
     write_atomic(outdir / FAILURES_NAME, "".join(json.dumps(f) + "\n" for f in failures).encode())
     if start == 0:
-        raise ShardError(f"none of the {len(inputs.items)} inputs of '{src}' could be decoded; "
+        raise ShardError(f"none of the {num_inputs} inputs of '{src}' could be decoded; "
                          f"the reasons are in {outdir / FAILURES_NAME}")
-    index = {"format_version": FORMAT_VERSION, "num_samples": start, "num_inputs": len(inputs.items),
-             "num_failures": len(failures), "class_names": inputs.class_names,
+    (width, height), count = min(sizes.items(), key=lambda kv: (-kv[1], kv[0]))  # ties: the smaller size
+    index = {"format_version": FORMAT_VERSION, "num_samples": start, "num_inputs": num_inputs,
+             "num_failures": len(failures), "num_reencoded": sum(reencoded.values()),
+             "reencoded": dict(sorted(reencoded.items())), "num_unlabelled": unlabelled,
+             "channels": {c: channels[c] for c in ("1", "3")},
+             "image_sizes": {"distinct": len(sizes), "most_common": [width, height, count]},
+             "class_names": inputs.class_names,
              "options": {"source": str(src), "samples_per_shard": samples_per_shard, **encoding},
              "shards": shards}
     write_atomic(outdir / INDEX_NAME, json.dumps(index, indent=1).encode())
     return index
+
+
+def summary(index: dict, out: str) -> str:
+    """The line `genfoundry pack` prints: what was packed, and how much was left out, re-encoded or unlabelled."""
+    parts = [f"packed {index['num_samples']} of {index['num_inputs']} inputs into {len(index['shards'])} shards in "
+             f"{out}", f"{index['num_failures']} left out (reasons in {FAILURES_NAME})"]
+    if index["num_reencoded"]:
+        why = ", ".join(f"{n} {reason}" for reason, n in index["reencoded"].items())
+        parts.append(f"{index['num_reencoded']} stored as lossless PNG instead of their own bytes ({why})")
+    gray, colour = index["channels"]["1"], index["channels"]["3"]
+    if gray and colour:
+        parts.append(f"{gray} grayscale and {colour} colour images")
+    if index["num_unlabelled"]:
+        parts.append(f"{index['num_unlabelled']} without a class: they train only the unconditional (null) class")
+    return "; ".join(parts)
