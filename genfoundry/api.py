@@ -65,21 +65,34 @@ def train(cfg: Config, print_fn=print) -> dict:
             parallel.destroy_process_group()
 
 
-def load_trained(run_dir: str | Path, weights: str = "ema", device: str = "auto") -> tuple[DiT, dict]:
-    """The final network of a finished run and its metadata (class names, source, step)."""
+def load_trained(run_dir: str | Path, weights: str = "auto", device: str = "auto",
+                 print_fn=print) -> tuple[DiT, dict]:
+    """The final network of a finished run and its metadata (class names, source, step, final
+    validation losses); meta["weights"] names the weights loaded.
+
+    'auto' takes the raw weights ('model') where their final validation loss is the lower, else the
+    EMA, and prints which and why: after a short run the EMA can still hold the early weights."""
     final = Path(run_dir) / "final"
     meta_path = final / "model.json"
-    if weights not in ("ema", "model"):
-        raise RunError(f"weights must be 'ema' or 'model', got '{weights}'")
+    if weights not in ("auto", "ema", "model"):
+        raise RunError(f"weights must be 'auto', 'ema' or 'model', got '{weights}'")
     if not meta_path.is_file():
         raise RunError(f"'{run_dir}' has no final model ({meta_path} is missing); train it to the end first")
-    weights_path = final / f"{weights}.safetensors"
-    if not weights_path.is_file():
-        raise RunError(f"'{run_dir}' has no {weights} weights ({weights_path} is missing)")
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError) as e:
         raise RunError(f"cannot read {meta_path}: {getattr(e, 'strerror', None) or e}") from None
+    if weights == "auto":
+        ema_loss, raw_loss = meta.get("val_loss_ema"), meta.get("val_loss")  # None: not recorded or not finite
+        raw_better = raw_loss is not None and (ema_loss is None or raw_loss < ema_loss)
+        weights = "model" if raw_better else "ema"
+        shown = {k: "n/a" if v is None else f"{v:.4f}" for k, v in (("model", raw_loss), ("ema", ema_loss))}
+        print_fn(f"weights auto: {weights} (final validation loss: model {shown['model']}, ema {shown['ema']}); "
+                 f"--weights ema|model chooses")
+    weights_path = final / f"{weights}.safetensors"
+    if not weights_path.is_file():
+        raise RunError(f"'{run_dir}' has no {weights} weights ({weights_path} is missing)")
+    meta["weights"] = weights
     model = DiT(DiTArch(**meta["arch"]))
     try:
         state = load_file(str(weights_path))
@@ -97,69 +110,93 @@ def run_config(run_dir: str | Path) -> Config:
     return config_lib.load(str(path))
 
 
-def balanced_labels(num_images: int, num_classes: int) -> torch.Tensor:
-    return torch.arange(num_images) % num_classes
+def balanced_labels(num_images: int, num_classes: int, classes: list[int] | None = None) -> torch.Tensor:
+    """Labels that cycle through `classes` (default: all `num_classes`), so each gets its share."""
+    pool = torch.tensor(classes) if classes else torch.arange(num_classes)
+    return pool[torch.arange(num_images) % len(pool)]
 
 
 def sample(run_dir: str | Path, out_dir: str | Path | None = None, num_images: int | None = None,
            sampler: str | None = None, steps: int | None = None, cfg_scale: float | None = None,
-           seed: int | None = None, batch_size: int | None = None, weights: str = "ema",
-           device: str = "auto", write_images: bool = True) -> dict:
-    """Writes a grid (one row per class) and, optionally, every image as a PNG; settings default to the run's."""
+           seed: int | None = None, batch_size: int | None = None, weights: str = "auto",
+           device: str = "auto", write_images: bool = True, classes: list[str] | None = None,
+           print_fn=print) -> dict:
+    """Writes a grid (one row per class) and, optionally, every image as a PNG; settings default to the
+    run's. `classes` names the classes to sample, as in the run's class list (default: all)."""
     for flag, value in (("--num-images", num_images), ("--steps", steps), ("--batch-size", batch_size)):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be at least 1, got {value}")
     sc = run_config(run_dir).sample
-    model, meta = load_trained(run_dir, weights, device)
-    k = len(meta["class_names"])
+    model, meta = load_trained(run_dir, weights, device, print_fn)
+    names = meta["class_names"]
+    unknown = [c for c in classes or [] if c not in names]
+    if unknown:
+        raise ConfigError(f"--class {', '.join(repr(c) for c in unknown)}: not a class of this run, whose classes "
+                          f"are {', '.join(names)}")
+    chosen = [names.index(c) for c in classes] if classes else list(range(len(names)))
+    k = len(chosen)
     num_images = sc.per_class * k if num_images is None else num_images
     settings = dict(sampler=sampler or sc.sampler, steps=sc.steps if steps is None else steps,
                     cfg_scale=sc.cfg_scale if cfg_scale is None else cfg_scale,
                     seed=sc.seed if seed is None else seed)
     out = writable_directory(out_dir or Path(run_dir) / "samples" / "sampled", RunError)
-    labels = balanced_labels(num_images, k)
+    labels = balanced_labels(num_images, len(names), chosen)
     images = generate(model, labels, range(num_images), batch_size=sc.batch_size if batch_size is None else batch_size,
                       precision=sc.precision, **settings)
-    # Order by class so that each grid row is one class.
-    order = torch.argsort(labels, stable=True)
+    # Order by class, in the order given, so that each grid row is one class.
+    order = torch.argsort(torch.arange(num_images) % k, stable=True)
     save_png(grid(images[order], rows=min(k, num_images)), out / "grid.png")
     if write_images:
         for i in range(num_images):
-            save_png(images[i], out / f"{i:06d}-{meta['class_names'][labels[i]]}.png")
-    info = {"format_version": FORMAT_VERSION, "run": str(run_dir), "num_images": num_images, "weights": weights,
-            **settings, "out_dir": str(out)}
+            save_png(images[i], out / f"{i:06d}-{names[labels[i]]}.png")
+    info = {"format_version": FORMAT_VERSION, "run": str(run_dir), "num_images": num_images,
+            "weights": meta["weights"], "classes": [names[c] for c in chosen], **settings, "out_dir": str(out)}
     (out / "sampling.json").write_text(json.dumps(info, indent=2))
     return info
 
 
 def evaluate(run_dir: str | Path, num_samples: int | None = None, reference: str | None = None,
-             split: str | None = None, device: str = "auto", print_fn=print) -> dict:
-    """FID and KID of `num_samples` class-balanced samples from a finished run against a reference set."""
+             split: str | None = None, device: str = "auto", print_fn=print, resize: str | None = None,
+             max_reference_images: int | None = None) -> dict:
+    """FID and KID of `num_samples` class-balanced samples from a finished run against a reference set
+    (a dataset name, image folder or shard set; default the training source) built at the run's image
+    size and channels. The reference statistics are made, or found, before any sample is generated."""
     from genfoundry.eval import evaluate as score
+    from genfoundry.eval import reference_stats
 
     if num_samples is not None and num_samples < 2:
         raise ConfigError(f"--num-samples must be at least 2 (FID needs a covariance), got {num_samples}")
+    if max_reference_images is not None and max_reference_images < 1:
+        raise ConfigError(f"--max-reference-images must be at least 1, got {max_reference_images}")
     cfg = run_config(run_dir)
     ec, sc = cfg.eval, cfg.sample
     num_samples = ec.num_samples if num_samples is None else num_samples
-    reference = reference or ec.reference or cfg.data.source
-    split = split or ec.split
+    resize = resize or ec.resize
     model, meta = load_trained(run_dir, "ema", device)
     out = writable_directory(Path(run_dir) / "eval", RunError)
+    device = str(accel.get_device(device))
+    t0 = time.perf_counter()
+    ref = reference_stats(reference or ec.reference or cfg.data.source, split or ec.split, meta["arch"]["image_size"],
+                          meta["arch"]["in_channels"], resize, device,
+                          max_images=ec.max_reference_images if max_reference_images is None else max_reference_images)
+    reference_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     images = generate(model, balanced_labels(num_samples, len(meta["class_names"])), range(num_samples),
                       sc.seed, sc.steps, sc.sampler, sc.cfg_scale, sc.batch_size, precision=sc.precision)
     sampling_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    result = score(images.numpy(), reference=reference, split=split, device=str(accel.get_device(device)),
-                   kid_subset_size=ec.kid_subset_size)
-    result.update(sampling_s=sampling_s, scoring_s=time.perf_counter() - t0, sampler=sc.sampler,
-                  sampler_steps=sc.steps, cfg_scale=sc.cfg_scale, run=str(run_dir), step=meta["step"])
+    result = score(images.numpy(), device=device, kid_subset_size=ec.kid_subset_size, reference_stats_=ref,
+                   resize=resize)
+    result.update(reference_s=reference_s, sampling_s=sampling_s, scoring_s=time.perf_counter() - t0,
+                  sampler=sc.sampler, sampler_steps=sc.steps, cfg_scale=sc.cfg_scale, run=str(run_dir),
+                  step=meta["step"])
     tmp = out / f".fid-{num_samples}.json.tmp{os.getpid()}"
     tmp.write_text(json.dumps(result, indent=2))
     os.replace(tmp, out / f"fid-{num_samples}.json")
+    identity = result["reference_identity"]
     print_fn(f"FID {result['fid']:.3f}  ({result['num_generated']} generated vs {result['num_reference']} "
-             f"reference images of {result['reference']})")
+             f"reference images of {result['reference']}; {identity['resolution']}x{identity['resolution']}x"
+             f"{identity['channels']}, resize {resize}, network {identity['network_sha256']})")
     return result
 
 

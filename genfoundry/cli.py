@@ -4,13 +4,33 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
+import textwrap
 
 from genfoundry import config as config_lib
 from genfoundry.errors import GenfoundryError
 
 OVERRIDE_HELP = ("config overrides as --section.key=value (e.g. --train.lr=3e-4 --run.name=exp1); "
                  "sections: run, data, model, diffusion, train, parallel, sample, eval")
+
+
+class _KeysTableFormatter(argparse.HelpFormatter):
+    """Wraps descriptions as argparse does, and prints text that holds line breaks (the table of
+    config keys in the epilog) as it is written."""
+
+    def _fill_text(self, text, width, indent):
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+def _config_epilog() -> str:
+    """The override syntax and every config key with its default and description (from config.py)."""
+    width = max(80, min(120, shutil.get_terminal_size().columns)) - 2  # as argparse sizes its help
+    keys = ("config keys and their defaults (a recipe sets some of them; --dry-run prints the resolved "
+            "config):")
+    return f"{textwrap.fill(OVERRIDE_HELP, width)}\n\n{textwrap.fill(keys, width)}\n{config_lib.keys_help(width)}"
 
 
 def _config_args(p: argparse.ArgumentParser, default_recipe: str | None) -> None:
@@ -28,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train on MNIST, write sample grids and FID (a few minutes on a CPU)",
                        description="Trains the shipped 'demo' recipe on MNIST, writes sample grids during and "
-                                   "after training, scores FID/KID, and writes runs/demo/.", epilog=OVERRIDE_HELP)
+                                   "after training, scores FID/KID, and writes runs/demo/.",
+                       epilog=_config_epilog(), formatter_class=_KeysTableFormatter)
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
 
     p = sub.add_parser("train", help="train or resume a run (running the same command again resumes)",
@@ -36,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "checkpoints is resumed exactly (on another number of ranks, to "
                                    "floating-point tolerance). Under torchrun "
                                    "(torchrun --nproc-per-node=N -m genfoundry train ...) every rank trains its "
-                                   "share of each global batch.", epilog=OVERRIDE_HELP)
+                                   "share of each global batch.",
+                       epilog=_config_epilog(), formatter_class=_KeysTableFormatter)
     _config_args(p, "mnist")
     p.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="start N processes on this machine through torchrun (default: 1, or as torchrun set)")
@@ -65,15 +87,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg-scale", type=float, help="classifier-free guidance weight; 1 disables (default: the run's)")
     p.add_argument("--seed", type=int, help="base seed; image i uses noise seeded by (seed, i)")
     p.add_argument("--batch-size", type=int, help="images per network call; does not change the images")
-    p.add_argument("--weights", choices=["ema", "model"], default="ema", help="EMA or raw weights (default: ema)")
+    p.add_argument("--class", dest="classes", action="append", metavar="NAME",
+                   help="sample only this class, named as in the run's class list (RUN_DIR/final/model.json); "
+                        "repeatable (default: every class)")
+    p.add_argument("--weights", choices=["auto", "ema", "model"], default="auto",
+                   help="EMA or raw weights; auto takes the one with the lower final validation loss and says "
+                        "which (default: auto)")
     p.add_argument("--grid-only", action="store_true", help="write only the grid, not every image")
     p.add_argument("--device", default="auto", help="device, e.g. cpu or cuda:0 (default: auto)")
 
-    p = sub.add_parser("eval", help="FID and KID of a finished run's samples against a reference set")
+    p = sub.add_parser("eval", help="FID and KID of a finished run's samples against a reference set",
+                       description="Scores class-balanced samples of a finished run against reference statistics "
+                                   "built, like the samples, at the run's image size and channels (decoded as "
+                                   "training decodes them), then resized to 299 px by one convention. The "
+                                   "statistics are found or computed (and cached) before any sample is made.")
     p.add_argument("run_dir", help="a run directory (e.g. runs/demo)")
     p.add_argument("--num-samples", type=int, help="generated images to score (default: the run's eval.num_samples)")
-    p.add_argument("--reference", help="reference dataset (default: the run's training source)")
-    p.add_argument("--split", help="reference split (default: train)")
+    p.add_argument("--reference", help="mnist, fashion-mnist, an image folder or a packed shard set "
+                                       "(default: the run's eval.reference, else its training source)")
+    p.add_argument("--split", help="reference split of a named dataset (default: the run's eval.split, train)")
+    p.add_argument("--resize", choices=config_lib.EvalConfig.RESIZE_CONVENTIONS,
+                   help="how images reach 299 px: pil-bicubic-uint8 (PIL bicubic on uint8 images) or clean "
+                        "(PIL bicubic per channel in float32, not rounded) (default: the run's eval.resize)")
+    p.add_argument("--max-reference-images", type=int, metavar="N",
+                   help="use only the first N reference images (default: the run's eval.max_reference_images, "
+                        "0 meaning all)")
     p.add_argument("--device", default="auto", help="device, e.g. cpu or cuda:0 (default: auto)")
     p = sub.add_parser("bench", help="benchmarks that print figures and write JSON")
     bench = p.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
@@ -182,15 +220,15 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         if args.command == "sample":
             info = api.sample(args.run_dir, args.out, args.num_images, args.sampler, args.steps, args.cfg_scale,
-                              args.seed, args.batch_size, args.weights, args.device, not args.grid_only)
+                              args.seed, args.batch_size, args.weights, args.device, not args.grid_only,
+                              classes=args.classes)
             print(f"wrote {info['num_images']} images to {info['out_dir']}")
         elif args.command == "pack":
-            from genfoundry.shards import pack
+            from genfoundry.shards.pack import pack, summary
 
             index = pack(args.src, args.out, args.samples_per_shard, args.resolution, args.image_format,
                          args.quality, args.workers)
-            print(f"packed {index['num_samples']} of {index['num_inputs']} inputs into {len(index['shards'])} "
-                  f"shards in {args.out}; {index['num_failures']} failed to decode (see failures.jsonl)")
+            print(summary(index, args.out))
         elif args.command == "bench" and args.bench == "data":
             from genfoundry.bench.data import run as run_data
 
@@ -205,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
             run(args.preset or ["DiT-B/2"], args.batch_size, precisions[0], args.compile, args.steps, args.out,
                 args.device, not args.no_baseline, precisions, args.profile)
         elif args.command == "eval":
-            api.evaluate(args.run_dir, args.num_samples, args.reference, args.split, args.device)
+            api.evaluate(args.run_dir, args.num_samples, args.reference, args.split, args.device,
+                         resize=args.resize, max_reference_images=args.max_reference_images)
         return 0
     except GenfoundryError as e:  # a user mistake: its one-line message, no traceback
         print(f"genfoundry {args.command}: error: {e}", file=sys.stderr)

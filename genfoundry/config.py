@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import functools
 import hashlib
+import io
 import json
+import textwrap
+import tokenize
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -35,7 +40,7 @@ class DataConfig:
     split: str = "train"         # split used for training (named datasets)
     val_split: str = "test"      # split the fixed validation batch is drawn from (named datasets)
     resolution: int = 0          # image side for folders (0: 64) and shards (0: as packed)
-    channels: int = 0            # 1 or 3 for folders (0: 3) and shards (0: as packed)
+    channels: int = 0            # 1 or 3 for folders and shards (0: the images' majority, converting the rest)
     hflip: bool = False          # random horizontal flips (off for digits)
     workers: int = 2             # CPU decode worker processes for shard sets
     fast_jpeg: bool = False      # libjpeg-turbo's fast chroma upsampling (~40% faster decode, ~41 dB PSNR)
@@ -80,13 +85,14 @@ class TrainConfig:
     lr: float = 1e-3                # peak learning rate
     warmup_steps: int = 100         # linear warm-up from 0 to lr
     weight_decay: float = 0.0       # AdamW decoupled weight decay
-    beta1: float = 0.9
-    beta2: float = 0.99
+    beta1: float = 0.9              # AdamW decay rate of the gradient mean
+    beta2: float = 0.99             # AdamW decay rate of the squared-gradient mean
     grad_clip: float = 1.0          # max global gradient norm; 0 disables clipping
     ema_halflife_kimg: float = 10.0  # EMA half-life in thousands of images
-    ema_rampup: float = 0.5         # half-life is at most this fraction of images seen; 0 disables
-    precision: str = "fp32"         # fp32 | bf16 | fp16 (fp16 uses a dynamic loss scaler)
-    loss_scale_init: float = 2.0**16  # fp16 only
+    ema_rampup: float = 0.05        # half-life is at most this fraction of images seen; 0 disables
+    precision: str = "auto"         # auto (bf16 on a CUDA GPU that has it, else fp32) | fp32 | bf16 | fp16
+                                    # (fp16 uses a dynamic loss scaler); a resumed run keeps what it resolved
+    loss_scale_init: float = 2.0**16  # fp16: the loss scale at the start
     loss_scale_growth_interval: int = 1000  # fp16: steps without overflow before the scale doubles
     fp16_max_overflows: int = 20    # fp16: consecutive overflowing steps before the run switches to fp32
     log_every: int = 50             # steps between metric reports
@@ -97,8 +103,8 @@ class TrainConfig:
     keep_checkpoints: int = 2       # newest checkpoints kept on disk
 
     def __post_init__(self):
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise ConfigError(f"train.precision must be fp32, bf16 or fp16, got '{self.precision}'")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ConfigError(f"train.precision must be auto, fp32, bf16 or fp16, got '{self.precision}'")
         for name in ("global_batch_size", "steps", "log_every", "val_batch_size", "keep_checkpoints",
                      "fp16_max_overflows"):
             if getattr(self, name) < 1:
@@ -177,15 +183,24 @@ class SampleConfig:
 @dataclass
 class EvalConfig:
     num_samples: int = 1000      # generated images scored by FID/KID
-    reference: str = ""          # reference dataset; empty means the training source
-    split: str = "train"         # reference split
+    reference: str = ""          # dataset name, image folder or shard set; empty means the training source
+    split: str = "train"         # reference split (named datasets)
     kid_subset_size: int = 1000  # KID subset size (clipped to the set sizes)
+    resize: str = "pil-bicubic-uint8"  # how images reach 299 px for the network: pil-bicubic-uint8 | clean
+    max_reference_images: int = 0      # the first N reference images only (0: all)
+
+    # Not a field: the conventions genfoundry.eval.features.RESIZES implements, for checks and --help.
+    RESIZE_CONVENTIONS = ("pil-bicubic-uint8", "clean")
 
     def __post_init__(self):
         if self.num_samples < 2:
             raise ConfigError(f"eval.num_samples must be at least 2 (FID needs a covariance), got {self.num_samples}")
         if self.kid_subset_size < 2:
             raise ConfigError(f"eval.kid_subset_size must be at least 2, got {self.kid_subset_size}")
+        if self.resize not in self.RESIZE_CONVENTIONS:
+            raise ConfigError(f"eval.resize must be one of {', '.join(self.RESIZE_CONVENTIONS)}, got '{self.resize}'")
+        if self.max_reference_images < 0:
+            raise ConfigError(f"eval.max_reference_images must be 0 (all) or more, got {self.max_reference_images}")
 
 
 @dataclass
@@ -228,6 +243,55 @@ def from_dict(data: dict, base: Config | None = None) -> Config:
 
 def _section_fields(cfg: Config) -> dict[str, dict[str, dataclasses.Field]]:
     return {f.name: {g.name: g for g in dataclasses.fields(getattr(cfg, f.name))} for f in dataclasses.fields(cfg)}
+
+
+@functools.cache
+def field_docs() -> dict[str, dict[str, str]]:
+    """{section: {key: description}}, read from the comment beside each field in this file (and the
+    comment lines aligned under it), so that those comments stay the one place a key is described."""
+    source = Path(__file__).read_text(encoding="utf-8")
+    lines = source.splitlines()
+    comments = {tok.start[0]: (tok.start[1], tok.string.lstrip("#").strip())
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    sections = {f.default_factory.__name__: (f.name, {g.name for g in dataclasses.fields(f.default_factory)})
+                for f in dataclasses.fields(Config)}
+    docs: dict[str, dict[str, str]] = {}
+    for node in ast.parse(source).body:
+        if not (isinstance(node, ast.ClassDef) and node.name in sections):
+            continue
+        name, keys = sections[node.name]
+        section = docs[name] = {}
+        for item in node.body:
+            if not (isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name) and item.target.id in keys):
+                continue
+            line = item.end_lineno
+            column, text = comments.get(line, (None, ""))
+            parts = [text]
+            # A comment alone on the next line, aligned with this one, continues it.
+            while line + 1 in comments and comments[line + 1][0] == column and lines[line].lstrip().startswith("#"):
+                line += 1
+                parts.append(comments[line][1])
+            section[item.target.id] = " ".join(p for p in parts if p)
+    return docs
+
+
+def keys_help(width: int = 100) -> str:
+    """Every key by section with its default and description, as `train --help` lists them."""
+    docs, defaults = field_docs(), to_dict(Config())
+    pairs = {s: {k: f"{k} = {_toml_value(v)}" for k, v in values.items()} for s, values in defaults.items()}
+    column = min(28, max(len(p) for values in pairs.values() for p in values.values())) + 4
+    out = []
+    for section, values in pairs.items():
+        out.append(f"[{section}]")
+        for key, pair in values.items():
+            text = textwrap.wrap(docs[section][key], max(30, width - column), break_on_hyphens=False,
+                                 break_long_words=False)
+            if len(pair) > column - 4:  # a long key and value: its description starts on the next line
+                out.append(f"  {pair}")
+            else:
+                out.append(f"  {pair:<{column - 2}}{text.pop(0) if text else ''}".rstrip())
+            out.extend(" " * column + more for more in text)
+    return "\n".join(out)
 
 
 def _coerce(dotted: str, value, annotation):

@@ -74,21 +74,41 @@ def _agreed_names(names: list[str]) -> list[str]:
 
 
 class JsonlSink:
-    """Appends one JSON object per interval to metrics.jsonl."""
+    """Appends one JSON object per interval to metrics.jsonl, and one per event (a resume)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
     def write(self, step: int, values: dict) -> None:
-        row = {"format_version": FORMAT_VERSION, "step": step, "time": time.time()}
-        row.update({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()})
+        self._append({"format_version": FORMAT_VERSION, "step": step, "time": time.time(), **values})
+
+    def event(self, name: str, step: int, values: dict) -> None:
+        """A row that marks something the run did rather than measured, e.g. {"event": "resume", ...}."""
+        self._append({"format_version": FORMAT_VERSION, "event": name, "step": step, "time": time.time(), **values})
+
+    def _append(self, row: dict) -> None:
+        row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
+def read_jsonl(path: str | Path, all_rows: bool = False) -> list[dict]:
+    """The metric rows of the run as it went on, in step order; `all_rows` gives every row as written.
+
+    A resumed run starts again from its checkpoint, so the file repeats the steps after it. A resume
+    row at step k drops the rows after k written before it (the abandoned attempt, whatever steps it
+    logged), and of rows for the same step the newest is kept. Event rows are left out."""
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        rows = [json.loads(line) for line in f if line.strip()]
+    if all_rows:
+        return rows
+    by_step: dict[int, dict] = {}
+    for row in rows:
+        if row.get("event") == "resume":
+            by_step = {s: r for s, r in by_step.items() if s <= row["step"]}
+        elif "event" not in row:
+            by_step[row["step"]] = row
+    return [by_step[s] for s in sorted(by_step)]
 
 
 class ConsoleSink:

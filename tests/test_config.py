@@ -26,7 +26,7 @@ def test_unknown_key_suggests_closest():
     ("train.steps", "1.5", "must be an integer"),
     ("train.lr", "fast", "must be a number"),
     ("data.hflip", "maybe", "true or false"),
-    ("train.precision", "fp8", "fp32, bf16 or fp16"),
+    ("train.precision", "fp8", "auto, fp32, bf16 or fp16"),
     ("train.lr", "-1", "must be positive"),
     ("model.class_dropout", "1.0", r"\[0, 1\)"),
 ])

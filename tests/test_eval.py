@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from genfoundry.eval import (FeatureExtractorError, FeatureStats, InceptionFeatures, evaluate, feature_stats,
-                             frechet_distance, inception_path, kernel_inception_distance, prepare, reference_stats)
+                             frechet_distance, inception_path, kernel_inception_distance, prepare, reference_stats,
+                             resolve)
 from genfoundry.eval import fid as fid_lib
 from genfoundry.sources import load_images
 
@@ -41,17 +42,31 @@ def test_frechet_distance_of_full_covariances_matches_eigen_form():
     assert frechet_distance(m1, s1, m2, s2) == pytest.approx(expected, rel=1e-9)
 
 
+def test_frechet_distance_from_few_features_matches_eigen_form():
+    """Fewer samples than dimensions (a singular S1): the n x n route equals the eigen form exactly."""
+    rng = np.random.default_rng(5)
+    x, y = rng.normal(size=(4, 10)), rng.normal(1.0, 2.0, size=(30, 10))
+    s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    w, v = np.linalg.eigh(s1)
+    root1 = v @ np.diag(np.sqrt(np.clip(w, 0, None))) @ v.T
+    tr_sqrt = np.sum(np.sqrt(np.clip(np.linalg.eigvalsh(root1 @ s2 @ root1), 0, None)))
+    m1, m2 = x.mean(0), y.mean(0)
+    expected = np.sum((m1 - m2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt
+    assert frechet_distance(m1, s1, m2, s2, features1=x) == pytest.approx(expected, rel=1e-7)
+    assert frechet_distance(m1, s1, m2, s2) == pytest.approx(expected, rel=1e-4)  # sqrtm, regularised
+
+
 @pytest.mark.timeout(300)
 def test_fid_of_a_set_with_itself_is_zero(features):
     s = feature_stats(features["a"])
-    assert abs(frechet_distance(s.mu, s.sigma, s.mu, s.sigma)) < 1e-3
+    assert abs(frechet_distance(s.mu, s.sigma, s.mu, s.sigma, features1=features["a"])) < 1e-3
 
 
 @pytest.mark.timeout(300)
 def test_degraded_set_scores_worse(features):
     a, b, d = (feature_stats(features[k]) for k in ("a", "b", "degraded"))
-    clean = frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
-    degraded = frechet_distance(d.mu, d.sigma, b.mu, b.sigma)
+    clean = frechet_distance(a.mu, a.sigma, b.mu, b.sigma, features1=features["a"])
+    degraded = frechet_distance(d.mu, d.sigma, b.mu, b.sigma, features1=features["degraded"])
     assert degraded > 1.5 * clean > 0
 
 
@@ -74,12 +89,14 @@ def test_kid_of_degraded_set_is_larger(features):
 def test_stats_roundtrip_is_exact(tmp_path):
     rng = np.random.default_rng(3)
     s = feature_stats(rng.normal(size=(50, 16)), "x:train", kid_images=10)
+    s.reference, s.num_left_out = resolve("mnist", "train", 28, 1, "clean"), 2
     s.save(tmp_path / "s.npz")
     t = FeatureStats.load(tmp_path / "s.npz")
     assert np.array_equal(s.mu, t.mu) and np.array_equal(s.sigma, t.sigma)
     assert t.num_images == 50 and t.source == "x:train" and t.kid_features.shape == (10, 16)
+    assert t.reference == s.reference and t.num_left_out == 2
     with np.load(tmp_path / "s.npz") as f:
-        assert int(f["format_version"]) == 1
+        assert int(f["format_version"]) == 2
 
 
 def test_prepare_replicates_grayscale_and_maps_range():
@@ -106,7 +123,7 @@ def test_missing_network_says_how_to_install(monkeypatch):
 
 def test_shipped_mnist_reference_is_found_without_computing(monkeypatch, tmp_path):
     monkeypatch.setattr(fid_lib, "InceptionFeatures", None)  # any attempt to compute would fail
-    s = reference_stats("mnist", "train", cache_dir=tmp_path)
+    s = reference_stats("mnist", "train", 28, 1, cache_dir=tmp_path)
     assert s.num_images == 60000 and s.sigma.shape == (2048, 2048) and s.kid_features.shape[1] == 2048
 
 
@@ -122,5 +139,5 @@ def test_folder_reference_is_computed_cached_and_scored(tmp_path, monkeypatch):
         Image.fromarray(im[..., 0]).save(folder / f"{i}.png")
     result = evaluate(images, reference=str(folder), split="train", kid_subset_size=12)
     assert result["num_generated"] == 12 and result["num_reference"] == 12
-    assert abs(result["fid"]) < 1e-2 and result["format_version"] == 1
+    assert abs(result["fid"]) < 1e-2 and result["format_version"] == 2
     assert list((tmp_path / "cache" / "refstats").glob("*.npz"))

