@@ -96,6 +96,15 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
     return PEAK_FLOPS.get(device_name(device))
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' as bf16 on a CUDA GPU with native bf16, else fp32: on a CPU without AVX-512 BF16, bf16
+    autocast is slower than fp32. Other values stand as they are."""
+    if precision != "auto":
+        return precision
+    native = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    return "bf16" if native else "fp32"
+
+
 def autocast(device: torch.device, precision: str):
     """A context that runs matrix work in the chosen precision (a no-op for fp32)."""
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]

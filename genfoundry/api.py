@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from genfoundry import config as config_lib
 from genfoundry.config import Config, ConfigError
 from genfoundry.diffusion import generate, grid, save_png
 from genfoundry.errors import GenfoundryError, writable_directory
+from genfoundry.shards.index import write_atomic
 from genfoundry.models import DiT, DiTArch
 from genfoundry.trainer import Trainer, run_dir_of
 
@@ -65,6 +65,17 @@ def train(cfg: Config, print_fn=print) -> dict:
             parallel.destroy_process_group()
 
 
+def final_meta(run_dir: str | Path) -> dict:
+    """RUN/final/model.json: the architecture, class names, step and final validation losses."""
+    meta_path = Path(run_dir) / "final" / "model.json"
+    if not meta_path.is_file():
+        raise RunError(f"'{run_dir}' has no final model ({meta_path} is missing); train it to the end first")
+    try:
+        return json.loads(meta_path.read_text())
+    except (OSError, ValueError) as e:
+        raise RunError(f"cannot read {meta_path}: {getattr(e, 'strerror', None) or e}") from None
+
+
 def load_trained(run_dir: str | Path, weights: str = "auto", device: str = "auto",
                  print_fn=print) -> tuple[DiT, dict]:
     """The final network of a finished run and its metadata (class names, source, step, final
@@ -72,16 +83,9 @@ def load_trained(run_dir: str | Path, weights: str = "auto", device: str = "auto
 
     'auto' takes the raw weights ('model') where their final validation loss is the lower, else the
     EMA, and prints which and why: after a short run the EMA can still hold the early weights."""
-    final = Path(run_dir) / "final"
-    meta_path = final / "model.json"
     if weights not in ("auto", "ema", "model"):
         raise RunError(f"weights must be 'auto', 'ema' or 'model', got '{weights}'")
-    if not meta_path.is_file():
-        raise RunError(f"'{run_dir}' has no final model ({meta_path} is missing); train it to the end first")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as e:
-        raise RunError(f"cannot read {meta_path}: {getattr(e, 'strerror', None) or e}") from None
+    final, meta = Path(run_dir) / "final", final_meta(run_dir)
     if weights == "auto":
         ema_loss, raw_loss = meta.get("val_loss_ema"), meta.get("val_loss")  # None: not recorded or not finite
         raw_better = raw_loss is not None and (ema_loss is None or raw_loss < ema_loss)
@@ -127,12 +131,12 @@ def sample(run_dir: str | Path, out_dir: str | Path | None = None, num_images: i
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be at least 1, got {value}")
     sc = run_config(run_dir).sample
-    model, meta = load_trained(run_dir, weights, device, print_fn)
-    names = meta["class_names"]
+    names = final_meta(run_dir)["class_names"]
     unknown = [c for c in classes or [] if c not in names]
     if unknown:
         raise ConfigError(f"--class {', '.join(repr(c) for c in unknown)}: not a class of this run, whose classes "
                           f"are {', '.join(names)}")
+    model, meta = load_trained(run_dir, weights, device, print_fn)
     chosen = [names.index(c) for c in classes] if classes else list(range(len(names)))
     k = len(chosen)
     num_images = sc.per_class * k if num_images is None else num_images
@@ -157,7 +161,7 @@ def sample(run_dir: str | Path, out_dir: str | Path | None = None, num_images: i
 
 def evaluate(run_dir: str | Path, num_samples: int | None = None, reference: str | None = None,
              split: str | None = None, device: str = "auto", print_fn=print, resize: str | None = None,
-             max_reference_images: int | None = None) -> dict:
+             max_reference_images: int | None = None, weights: str = "auto") -> dict:
     """FID and KID of `num_samples` class-balanced samples from a finished run against a reference set
     (a dataset name, image folder or shard set; default the training source) built at the run's image
     size and channels. The reference statistics are made, or found, before any sample is generated."""
@@ -172,7 +176,7 @@ def evaluate(run_dir: str | Path, num_samples: int | None = None, reference: str
     ec, sc = cfg.eval, cfg.sample
     num_samples = ec.num_samples if num_samples is None else num_samples
     resize = resize or ec.resize
-    model, meta = load_trained(run_dir, "ema", device)
+    model, meta = load_trained(run_dir, weights, device, print_fn)
     out = writable_directory(Path(run_dir) / "eval", RunError)
     device = str(accel.get_device(device))
     t0 = time.perf_counter()
@@ -189,10 +193,8 @@ def evaluate(run_dir: str | Path, num_samples: int | None = None, reference: str
                    resize=resize)
     result.update(reference_s=reference_s, sampling_s=sampling_s, scoring_s=time.perf_counter() - t0,
                   sampler=sc.sampler, sampler_steps=sc.steps, cfg_scale=sc.cfg_scale, run=str(run_dir),
-                  step=meta["step"])
-    tmp = out / f".fid-{num_samples}.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out / f"fid-{num_samples}.json")
+                  step=meta["step"], weights=meta["weights"])
+    write_atomic(out / f"fid-{num_samples}.json", json.dumps(result, indent=2).encode())
     identity = result["reference_identity"]
     print_fn(f"FID {result['fid']:.3f}  ({result['num_generated']} generated vs {result['num_reference']} "
              f"reference images of {result['reference']}; {identity['resolution']}x{identity['resolution']}x"

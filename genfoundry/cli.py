@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-reference-images", type=int, metavar="N",
                    help="use only the first N reference images (default: the run's eval.max_reference_images, "
                         "0 meaning all)")
+    p.add_argument("--weights", choices=["auto", "ema", "model"], default="auto",
+                   help="EMA or raw weights; auto takes the one with the lower final validation loss, as "
+                        "sample does (default: auto)")
     p.add_argument("--device", default="auto", help="device, e.g. cpu or cuda:0 (default: auto)")
     p = sub.add_parser("bench", help="benchmarks that print figures and write JSON")
     bench = p.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
@@ -244,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.device, not args.no_baseline, precisions, args.profile)
         elif args.command == "eval":
             api.evaluate(args.run_dir, args.num_samples, args.reference, args.split, args.device,
-                         resize=args.resize, max_reference_images=args.max_reference_images)
+                         resize=args.resize, max_reference_images=args.max_reference_images, weights=args.weights)
         return 0
     except GenfoundryError as e:  # a user mistake: its one-line message, no traceback
         print(f"genfoundry {args.command}: error: {e}", file=sys.stderr)

@@ -72,6 +72,7 @@ def test_run_trained_on_shards_is_scored_against_its_shards_at_its_resolution(sh
     assert (identity["resolution"], identity["channels"], identity["resize"]) == (16, 3, DEFAULT)
     assert identity["network_sha256"] == network_sha256()[:12] and result["resize"] == DEFAULT
     assert np.isfinite(result["fid"]) and result["kid_mean"] is not None
+    assert "weights auto:" in out and result["weights"] in ("ema", "model")  # the weights sample would take
 
 
 def test_shard_reference_images_are_decoded_as_training_decodes_them(shard_run):

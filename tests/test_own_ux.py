@@ -15,7 +15,7 @@ from PIL import Image
 from genfoundry import api, checkpoint, config, metrics
 from genfoundry.cli import main
 from genfoundry.trainer import Trainer
-from genfoundry.trainer.loop import resolve_precision
+from genfoundry.accel import resolve_precision
 
 from conftest import ROOT
 

@@ -37,15 +37,6 @@ def run_dir_of(cfg: Config) -> Path:
     return Path(cfg.run.root) / cfg.run.name
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' as bf16 on a CUDA GPU with native bf16, else fp32: on a CPU without AVX-512 BF16, bf16
-    autocast is slower than fp32. Other values stand as they are."""
-    if precision != "auto":
-        return precision
-    native = device.type == "cuda" and accel.device_module(device).is_bf16_supported(including_emulation=False)
-    return "bf16" if native else "fp32"
-
-
 class Trainer:
     """Builds everything a run needs from a Config; `train()` runs (or resumes) it to the end.
 
@@ -70,7 +61,7 @@ class Trainer:
         self.ema = copy.deepcopy(model).eval().requires_grad_(False)
         self.objective = FlowMatching(cfg.diffusion.time_sampling, cfg.diffusion.loss_weighting,
                                       cfg.diffusion.logit_mean, cfg.diffusion.logit_std, cfg.model.class_dropout)
-        self.precision = resolve_precision(tc.precision, self.device)  # a resume takes the checkpoint's
+        self.precision = accel.resolve_precision(tc.precision, self.device)  # a resume takes the checkpoint's
         self.model = parallel.parallelize(model, cfg.parallel, self.device)
         self.sharded = parallel.is_sharded(self.model)
         self.micro_batch = self.plan_micro_batch()
