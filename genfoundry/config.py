@@ -38,8 +38,9 @@ class RunConfig:
 class DataConfig:
     source: str = "mnist"        # 'mnist', 'fashion-mnist', an image folder, or a packed shard set (path or URL)
     split: str = "train"         # split used for training (named datasets)
-    val_split: str = "test"      # split the fixed validation batch is drawn from (named datasets)
-    resolution: int = 0          # image side for folders (0: 64) and shards (0: as packed)
+    val_split: str = "test"      # split the validation batch comes from (named datasets; others hold out data.holdout)
+    resolution: int = 0          # image side; 0: a shard set's packed side, or the side its images share
+                                 # when all are one square size, else 64
     channels: int = 0            # 1 or 3 for folders and shards (0: the images' majority, converting the rest)
     hflip: bool = False          # random horizontal flips (off for digits)
     workers: int = 2             # CPU decode worker processes for shard sets

@@ -47,7 +47,7 @@ def tiny_cfg(root, folder, **overrides):
         "train.global_batch_size": 4, "train.val_batch_size": 4, "train.steps": 2, "train.lr": 2e-3,
         "train.warmup_steps": 0, "train.log_every": 1, "train.val_every": 1, "train.sample_every": 0,
         "train.checkpoint_every": 0, "sample.steps": 1, "sample.per_class": 1, "run.threads": 1,
-        "run.root": str(root), **overrides})
+        "run.root": str(root), "run.device": "cpu", **overrides})  # the CPU's figures, on any machine
 
 
 @pytest.fixture(scope="module")
