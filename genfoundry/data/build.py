@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -110,12 +110,14 @@ def _from_shards(cfg, global_batch_size, val_batch_size, seed, device) -> Traini
         return train.loader(dataset, global_batch_size, device, seed, cfg.workers, rank, world_size,
                             accumulation=accumulation, exclude=held if cfg.holdout else None)
 
-    val_images, val_labels, failed = decode_samples(dataset, held, shard_pipeline(resolution, channels, cfg.fast_jpeg))
+    failed = []
+    val = list(decoded_samples(dataset, held, shard_pipeline(resolution, channels, cfg.fast_jpeg), failed))
     if failed:
         notes.append(f"{len(failed)} validation image(s) failed to decode and are left out, e.g. {failed[0]}")
-    if not len(val_images):
+    if not val:
         raise SourceError(f"none of the {len(held)} validation images of '{name}' could be decoded")
-    val_labels = np.where(val_labels < 0, len(class_names), val_labels)  # unlabelled: the null class
+    val_images = np.stack([image for image, _ in val])
+    val_labels = np.asarray([len(class_names) if y < 0 else y for _, y in val], dtype=np.int64)  # -1: null class
     return TrainingData(make_loader, name, class_names, resolution, channels, val_images, val_labels, notes)
 
 
@@ -157,22 +159,21 @@ def _scan_sizes(dataset) -> dict:
     return {"distinct": len(counts), "most_common": [width, height, count]}
 
 
-def decode_samples(dataset, indices, pipeline: DataPipeline) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """uint8 [N, H, W, C] images and labels (-1: none) of chosen samples of a shard set, through
-    `pipeline` (which must draw nothing at random), and 'key: reason' for those that fail to decode."""
+def decoded_samples(dataset, indices, pipeline: DataPipeline, failed: list[str]) -> Iterator[tuple[np.ndarray, int]]:
+    """(uint8 [H, W, C] image, label or -1) of chosen samples of a shard set, in order, through
+    `pipeline` (which must draw nothing at random); 'key: reason' of each sample that fails to decode
+    is appended to `failed` and the sample left out. Shard and I/O errors are raised."""
     from genfoundry.data.decode import DecodeError
 
-    images, labels, failed = [], [], []
     rng = np.random.default_rng(0)
     for index in indices:
         data, meta = dataset.read(int(index))
         try:
-            images.append(pipeline.prepare(data, rng)[0])
+            image = pipeline.prepare(data, rng)[0]
         except DecodeError as e:
             failed.append(f"{meta.get('key', index)}: {e}")
             continue
-        labels.append(-1 if meta.get("label") is None else int(meta["label"]))
-    return (np.stack(images) if images else np.empty((0,), np.uint8), np.asarray(labels, dtype=np.int64), failed)
+        yield image, -1 if meta.get("label") is None else int(meta["label"])
 
 
 def shard_pipeline(resolution: int, channels: int, fast_jpeg: bool = False, hflip: bool = False) -> DataPipeline:

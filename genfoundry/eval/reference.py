@@ -139,8 +139,7 @@ def images(ref: Reference, batch_size: int) -> ReferenceImages:
 
 
 def _shard_images(ref: Reference, batch_size: int) -> ReferenceImages:
-    from genfoundry.data.build import shard_pipeline
-    from genfoundry.data.decode import DecodeError
+    from genfoundry.data.build import decoded_samples, shard_pipeline
     from genfoundry.shards import ShardDataset
 
     dataset = ShardDataset(ref.source)
@@ -149,14 +148,9 @@ def _shard_images(ref: Reference, batch_size: int) -> ReferenceImages:
     result = ReferenceImages(count, [], iter(()))
 
     def batches() -> Iterator[np.ndarray]:
-        rng, batch = np.random.default_rng(0), []
-        for i in range(count):
-            data, meta = dataset.read(i)
-            try:
-                batch.append(pipeline.prepare(data, rng)[0])
-            except DecodeError as e:
-                result.left_out.append(f"{meta.get('key', i)}: {e}")
-                continue
+        batch = []
+        for image, _ in decoded_samples(dataset, range(count), pipeline, result.left_out):
+            batch.append(image)
             if len(batch) == batch_size:
                 yield np.stack(batch)
                 batch = []
