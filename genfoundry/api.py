@@ -18,6 +18,7 @@ from genfoundry.errors import GenfoundryError, writable_directory
 from genfoundry.shards.index import write_atomic
 from genfoundry.models import DiT, DiTArch
 from genfoundry.trainer import Trainer, run_dir_of
+from genfoundry.trainer.loop import ema_clearly_worse
 
 FORMAT_VERSION = 1
 
@@ -81,15 +82,15 @@ def load_trained(run_dir: str | Path, weights: str = "auto", device: str = "auto
     """The final network of a finished run and its metadata (class names, source, step, final
     validation losses); meta["weights"] names the weights loaded.
 
-    'auto' takes the raw weights ('model') where their final validation loss is the lower, else the
-    EMA, and prints which and why: after a short run the EMA can still hold the early weights."""
+    'auto' takes the raw weights ('model') where the EMA's final validation loss is clearly worse
+    (`trainer.loop.ema_clearly_worse`: over 1.1x theirs), else the EMA, and prints which and why: after
+    a short run the EMA can still hold the early weights."""
     if weights not in ("auto", "ema", "model"):
         raise RunError(f"weights must be 'auto', 'ema' or 'model', got '{weights}'")
     final, meta = Path(run_dir) / "final", final_meta(run_dir)
     if weights == "auto":
         ema_loss, raw_loss = meta.get("val_loss_ema"), meta.get("val_loss")  # None: not recorded or not finite
-        raw_better = raw_loss is not None and (ema_loss is None or raw_loss < ema_loss)
-        weights = "model" if raw_better else "ema"
+        weights = "model" if ema_clearly_worse(raw_loss, ema_loss) else "ema"
         shown = {k: "n/a" if v is None else f"{v:.4f}" for k, v in (("model", raw_loss), ("ema", ema_loss))}
         print_fn(f"weights auto: {weights} (final validation loss: model {shown['model']}, ema {shown['ema']}); "
                  f"--weights ema|model chooses")

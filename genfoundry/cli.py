@@ -91,8 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sample only this class, named as in the run's class list (RUN_DIR/final/model.json); "
                         "repeatable (default: every class)")
     p.add_argument("--weights", choices=["auto", "ema", "model"], default="auto",
-                   help="EMA or raw weights; auto takes the one with the lower final validation loss and says "
-                        "which (default: auto)")
+                   help="EMA or raw weights; auto takes the raw ones where the EMA's final validation loss "
+                        "is over 1.1x theirs, else the EMA, and says which (default: auto)")
     p.add_argument("--grid-only", action="store_true", help="write only the grid, not every image")
     p.add_argument("--device", default="auto", help="device, e.g. cpu or cuda:0 (default: auto)")
 
@@ -113,8 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use only the first N reference images (default: the run's eval.max_reference_images, "
                         "0 meaning all)")
     p.add_argument("--weights", choices=["auto", "ema", "model"], default="auto",
-                   help="EMA or raw weights; auto takes the one with the lower final validation loss, as "
-                        "sample does (default: auto)")
+                   help="EMA or raw weights; auto chooses as sample does (default: auto)")
     p.add_argument("--device", default="auto", help="device, e.g. cpu or cuda:0 (default: auto)")
     p = sub.add_parser("bench", help="benchmarks that print figures and write JSON")
     bench = p.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)

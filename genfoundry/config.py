@@ -428,6 +428,13 @@ def config_hash(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(training_identity(cfg), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def value_of(cfg: Config, dotted: str) -> str:
+    """A config value as an override would write it: `value_of(cfg, "train.lr")` -> "0.001"."""
+    section, _, key = dotted.partition(".")
+    value = getattr(getattr(cfg, section), key)
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
 def identity_diff(a: Config, b: Config) -> list[str]:
     """Dotted keys where two configs differ in what they train."""
     ia, ib = training_identity(a), training_identity(b)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+from collections import Counter
 import importlib.util
 import os
 import pickle
@@ -260,9 +261,30 @@ def left_out_note(left_out: dict[str, str], total: int, root: Path, examples: in
     return f"{len(left_out)} of {total} files under '{root.name}' are left out: {', '.join(named)}{more}"
 
 
-def load_folder(root: str | Path, resolution: int = 64, channels: int = 0) -> ImageSet:
+DEFAULT_SIDE = 64  # the side images of mixed sizes are brought to unless data.resolution says otherwise
+
+
+def default_side(distinct: int, most_common: tuple[int, int]) -> tuple[int, str | None]:
+    """The side a folder or shard set trains at when data.resolution is 0, from its image sizes (`distinct`
+    sizes, the most common (w, h)): the size all share when they are one square size, else DEFAULT_SIDE,
+    with the line that says so."""
+    width, height = most_common
+    if distinct == 1 and width == height:
+        return int(width), None
+    shape = f"{distinct} sizes, most often {width}x{height}" if distinct > 1 else f"{width}x{height}"
+    return DEFAULT_SIDE, (f"images of {shape}: centre-cropped and resized to {DEFAULT_SIDE}x{DEFAULT_SIDE}; "
+                          f"set --data.resolution to choose the side")
+
+
+def oriented_size(image) -> tuple[int, int]:
+    """(width, height) as `as_8bit` gives the image: EXIF orientations 5-8 swap the axes."""
+    width, height = image.size
+    return (height, width) if orientation(image) in (5, 6, 7, 8) else (width, height)
+
+
+def load_folder(root: str | Path, resolution: int = 0, channels: int = 0) -> ImageSet:
     """Every image under `root` as `list_folder` lists them, centre-cropped to a square and resized to
-    `resolution`, decoded as the packer decodes them (`as_8bit`).
+    `resolution` (0: `default_side` of the images' sizes), decoded as the packer decodes them (`as_8bit`).
 
     `channels` 0 takes the majority of the images' own (colour on a tie). Unlabelled files get label -1.
     Files that fail to open or decode (a decompression bomb included) and broken links are left out and
@@ -273,14 +295,20 @@ def load_folder(root: str | Path, resolution: int = 64, channels: int = 0) -> Im
     listing = list_folder(root)
     skipped = dict(listing.left_out)
     own: dict[Path, int] = {}
+    sizes: dict[Path, tuple[int, int]] = {}
     for path, _ in listing.files:  # headers only: Pillow reads no pixels until asked
         try:
             with Image.open(path) as im:
                 own[path] = channels_of(im)
+                sizes[path] = oriented_size(im)
         except Exception as e:  # any decoder error, DecompressionBombError too: record it, leave the file out
             skipped[str(path)] = failure_reason(e)
     counts = {c: sum(v == c for v in own.values()) for c in (1, 3)}
     channels, channel_note = choose_channels(counts, channels)
+    side_note = None
+    if not resolution and sizes:
+        size_counts = Counter(sizes.values())
+        resolution, side_note = default_side(len(size_counts), size_counts.most_common(1)[0][0])
     images, labels = [], []
     for path, label in listing.files:
         if path not in own:
@@ -297,7 +325,7 @@ def load_folder(root: str | Path, resolution: int = 64, channels: int = 0) -> Im
     if not images:
         path, reason = next(iter(skipped.items()))
         raise SourceError(f"none of the {total} images under '{listing.root}' could be decoded, e.g. {path}: {reason}")
-    notes = [channel_note] if channel_note else []
+    notes = [note for note in (channel_note, side_note) if note]
     unlabelled = sum(label < 0 for label in labels)
     if unlabelled:
         notes.append(unlabelled_note(unlabelled, listing.root.name))
@@ -313,8 +341,9 @@ SOURCES = {
 }
 
 
-def load_images(source: str, split: str = "train", resolution: int = 64, channels: int = 0) -> ImageSet:
-    """A named dataset ('mnist', 'fashion-mnist') or a path to an image folder (`channels` 0: its majority)."""
+def load_images(source: str, split: str = "train", resolution: int = 0, channels: int = 0) -> ImageSet:
+    """A named dataset ('mnist', 'fashion-mnist') or a path to an image folder (`resolution` 0: its
+    `default_side`; `channels` 0: its majority)."""
     if source in SOURCES:
         return SOURCES[source](split)
     if Path(source).exists():

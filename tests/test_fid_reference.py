@@ -121,6 +121,16 @@ def test_bad_reference_is_one_line_before_any_sample_is_made(shard_run, tmp_path
     assert message in err and err.count("\n") == 1 and err.startswith("genfoundry eval: error:"), err
 
 
+def test_a_one_image_reference_is_refused_and_not_cached(shard_run, tmp_path, cache, capsys):
+    """One image has no covariance: its NaN statistics used to be cached and break every later eval."""
+    run, _ = shard_run
+    (tmp_path / "one").mkdir()
+    Image.fromarray(np.full((16, 16, 3), 90, np.uint8)).save(tmp_path / "one" / "a.png")
+    assert cli.main(["eval", str(run), "--num-samples", "2", "--reference", str(tmp_path / "one")]) == 2
+    assert "has 1 decodable image(s); FID needs at least 2" in capsys.readouterr().err
+    assert not list(cache.glob("one-*.npz"))
+
+
 def test_cache_is_keyed_by_content_not_by_folder_name(tmp_path, monkeypatch):
     """Two folders named `photos`, given as the same relative path from two directories."""
     monkeypatch.setenv("GENFOUNDRY_CACHE", str(tmp_path / "cache"))
@@ -188,11 +198,12 @@ def test_shipped_mnist_statistics_serve_only_their_own_reference(monkeypatch, tm
     assert not list(tmp_path.rglob("*.npz"))
 
 
-def test_clean_resize_is_float32_bicubic_per_channel_without_rounding():
+def test_clean_resize_is_float32_bicubic_per_channel_clipped_not_rounded():
     images = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
     x = prepare(images, "clean")
     plane = Image.fromarray(images[1, :, :, 2].astype(np.float32)).resize((299, 299), Image.Resampling.BICUBIC)
-    torch.testing.assert_close(x[1, 2], (torch.from_numpy(np.array(plane)) - 128) / 128, rtol=0, atol=0)
+    torch.testing.assert_close(x[1, 2], (torch.from_numpy(np.array(plane).clip(0, 255)) - 128) / 128, rtol=0, atol=0)
+    assert np.array(plane).max() > 255  # bicubic overshoots: the clip is part of the convention
     as_uint8 = prepare(images, DEFAULT)
     assert not torch.equal(x, as_uint8) and (x * 128 + 128 - (x * 128 + 128).round()).abs().max() > 0.1
     assert set(RESIZES) == set(config.EvalConfig.RESIZE_CONVENTIONS)

@@ -148,3 +148,29 @@ def test_trainer_writes_decode_failures_to_the_run_directory(photo_shards, tmp_p
                                "train.global_batch_size": 8, "train.val_batch_size": 8, "data.resolution": 16})
     trainer = Trainer(cfg, lambda *a, **k: None)
     assert trainer.loader.failure_log == tmp_path / "demo" / "data-failures.jsonl"
+
+
+def test_a_truncated_png_body_is_a_decode_failure_not_a_crash(tmp_path):
+    """The header reads, the pixels do not: substituted and counted like any undecodable sample."""
+    import io
+
+    from genfoundry.data.decode import DecodeError, decode
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG")
+    data = buf.getvalue()[:300]
+    with pytest.raises(DecodeError):
+        decode(data, (0, 0, 64, 64), (16, 16))
+
+
+def test_folders_take_the_same_default_side_as_shard_sets(photos, tmp_path):
+    """A folder of mixed sizes trains at 64 with the line that says so; one of equal squares at their side
+    (folders used to be brought to 64 without a word)."""
+    data = training_data(data_cfg(photos), 8, 8, 0, "cpu")
+    assert data.resolution == 64 and any("resized to 64x64; set --data.resolution" in n for n in data.notes)
+    square = tmp_path / "square"
+    square.mkdir()
+    for i in range(10):
+        Image.fromarray(np.full((24, 24, 3), i * 20, np.uint8)).save(square / f"{i}.png")
+    data = training_data(data_cfg(square), 8, 8, 0, "cpu")
+    assert data.resolution == 24 and not any("resolution" in n for n in data.notes)

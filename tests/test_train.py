@@ -120,7 +120,7 @@ def test_kill_9_then_rerun_matches_uninterrupted_run(tmp_path):
 @pytest.mark.timeout(120)
 def test_changed_config_in_existing_run_dir_is_refused(tmp_path):
     train(tiny_cfg(tmp_path, **{"train.steps": 1}), lambda *a, **k: None)
-    with pytest.raises(config.ConfigError, match="different train.lr"):
+    with pytest.raises(config.ConfigError, match="different train.lr; to continue it pass --train.lr=0.002"):
         train(tiny_cfg(tmp_path, **{"train.steps": 2, "train.lr": 1e-5}), lambda *a, **k: None)
 
 

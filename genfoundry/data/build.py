@@ -15,9 +15,7 @@ from genfoundry.data.memory import InMemoryLoader
 from genfoundry.data.pipeline import DataPipeline
 from genfoundry.data.transforms import CenterCrop, Normalize, RandomHorizontalFlip, Resize
 from genfoundry.errors import ConfigError
-from genfoundry.sources import SOURCES, SourceError, load_images
-
-FOLDER_RESOLUTION = 64  # folders hold images of any size; this is the side they are brought to by default
+from genfoundry.sources import SOURCES, SourceError, default_side, load_images
 
 
 @dataclass
@@ -54,7 +52,7 @@ def training_data(cfg, global_batch_size: int, val_batch_size: int, seed: int, d
         train, val = load_images(cfg.source, cfg.split), load_images(cfg.source, cfg.val_split)
         notes = [f"validation: {min(val_batch_size, len(val))} images of the '{cfg.val_split}' split"]
     else:
-        images = load_images(cfg.source, resolution=cfg.resolution or FOLDER_RESOLUTION, channels=cfg.channels)
+        images = load_images(cfg.source, resolution=cfg.resolution, channels=cfg.channels)
         held, notes = _holdout(len(images), cfg.holdout, val_batch_size, global_batch_size, images.name)
         notes = images.notes + notes  # what was left out, converted to the chosen channels or is unlabelled
         val = dataclasses.replace(images, images=images.images[held], labels=images.labels[held])
@@ -123,20 +121,16 @@ def _from_shards(cfg, global_batch_size, val_batch_size, seed, device) -> Traini
 
 def shard_resolution(dataset, resolution: int = 0) -> tuple[int, list[str]]:
     """The side a shard set trains at, and a note when it was chosen for the user: `resolution` if
-    given; else the side the set was packed at, or that all its images share when they are one square
-    size; else FOLDER_RESOLUTION (images of mixed sizes are centre-cropped and resized to it)."""
+    given; else the side the set was packed at; else `sources.default_side` of its image sizes, as for
+    a folder."""
     if resolution:
         return resolution, []
     packed = dataset.options.get("resolution")
     if packed:
         return int(packed), []
     sizes = dataset.index.get("image_sizes") or _scan_sizes(dataset)
-    (width, height, _count), distinct = sizes["most_common"], sizes["distinct"]
-    if distinct == 1 and width == height:
-        return int(width), []
-    shape = f"{distinct} sizes, most often {width}x{height}" if distinct > 1 else f"{width}x{height}"
-    return FOLDER_RESOLUTION, [f"images of {shape}: centre-cropped and resized to "
-                               f"{FOLDER_RESOLUTION}x{FOLDER_RESOLUTION}; set --data.resolution to choose the side"]
+    side, note = default_side(sizes["distinct"], tuple(sizes["most_common"][:2]))
+    return side, [note] if note else []
 
 
 SIZE_SCAN = 1000  # headers read, spread over the set, when index.json has no size summary (older packs)

@@ -94,6 +94,7 @@ def decode(data: bytes, box: tuple[float, float, float, float], out_size: tuple[
             if shrink and image.format == "JPEG":
                 image.draft(mode, (math.ceil(width * out_size[0] / box_w), math.ceil(height * out_size[1] / box_h)))
             image = as_8bit(image, channels)
+            image.load()  # the pixels, here: a truncated body must fail as this sample's DecodeError
     except Exception as e:  # corrupt data surfaces as many exception types
         raise DecodeError(f"{type(e).__name__}: {e}") from None
     scaled = _scale_box(box, image.width / width, image.height / height)

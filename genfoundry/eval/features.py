@@ -72,15 +72,15 @@ def _resize_pil_uint8(images: np.ndarray) -> np.ndarray:
 
 
 def _resize_clean(images: np.ndarray) -> np.ndarray:
-    """Each channel as a float32 PIL image ('F' mode), bicubic to 299 x 299, kept as float32: no
-    rounding to uint8 and no clipping, which is the convention clean-fid (Parmar et al. 2022) argues for."""
+    """Each channel as a float32 PIL image ('F' mode), bicubic to 299 x 299, clipped to 0..255 and kept
+    as float32 (not rounded to uint8): the convention of clean-fid (Parmar et al. 2022)."""
     from PIL import Image
 
     out = np.empty((len(images), RESOLUTION, RESOLUTION, images.shape[3]), dtype=np.float32)
     for n, im in enumerate(images):
         for c in range(im.shape[2]):
             plane = Image.fromarray(im[..., c].astype(np.float32))
-            out[n, :, :, c] = np.asarray(plane.resize((RESOLUTION, RESOLUTION), Image.Resampling.BICUBIC))
+            out[n, :, :, c] = np.asarray(plane.resize((RESOLUTION, RESOLUTION), Image.Resampling.BICUBIC)).clip(0, 255)
     return out
 
 

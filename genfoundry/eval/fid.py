@@ -21,7 +21,7 @@ import numpy as np
 import scipy.linalg
 
 from genfoundry.errors import ConfigError
-from genfoundry.eval.features import DEFAULT_RESIZE, InceptionFeatures, to_nhwc_uint8
+from genfoundry.eval.features import FEATURE_DIM, DEFAULT_RESIZE, InceptionFeatures, to_nhwc_uint8
 from genfoundry.eval.reference import Reference, resolve
 from genfoundry.eval.reference import images as reference_images
 from genfoundry.sources import SourceError
@@ -192,9 +192,10 @@ def stats_of(ref: Reference, device="cpu", cache_dir=None, batch_size: int | Non
     if found.left_out:
         print(f"  {len(found.left_out)} reference image(s) could not be decoded and are left out, e.g. "
               f"{found.left_out[0]}", file=sys.stderr)
-    if not features:
-        raise SourceError(f"none of the {found.num_images} images of reference '{ref.source}' could be decoded")
-    stats = feature_stats(np.concatenate(features), ref.label)
+    features = np.concatenate(features) if features else np.empty((0, FEATURE_DIM))
+    if len(features) < 2:  # one image has no covariance: its NaNs would be cached and fail every later eval
+        raise SourceError(f"reference '{ref.source}' has {len(features)} decodable image(s); FID needs at least 2")
+    stats = feature_stats(features, ref.label)
     stats.reference, stats.num_left_out = ref, len(found.left_out)
     stats.save(path)
     return stats

@@ -33,6 +33,11 @@ VALIDATION_STREAM = 7919  # the word that sets the validation noise apart from e
 EMA_WORSE = 1.1  # an EMA whose final validation loss is this many times the raw weights' is clearly worse
 
 
+def ema_clearly_worse(val_loss: float | None, val_loss_ema: float | None) -> bool:
+    """The one rule for EMA against raw weights: the run's closing note and `--weights auto` both use it."""
+    return val_loss is not None and val_loss_ema is not None and val_loss_ema > EMA_WORSE * val_loss
+
+
 def run_dir_of(cfg: Config) -> Path:
     return Path(cfg.run.root) / cfg.run.name
 
@@ -157,7 +162,9 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         if state["config_hash"] != config_lib.config_hash(self.cfg):
-            raise ConfigError("the checkpoint was written by a run with a different training config")
+            raise ConfigError(f"the checkpoints in '{self.run_dir}' were written with another training config "
+                              f"(another run, or an earlier genfoundry whose config had other keys); choose "
+                              f"another --run.name to start a new run")
         self.step, self.images_seen = state["step"], state["images_seen"]
         if self.sharded:
             from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
@@ -249,10 +256,13 @@ class Trainer:
         error = None
         if saved.exists():  # every rank checks the run directory it sees
             try:
-                changed = config_lib.identity_diff(config_lib.load(str(saved)), self.cfg)
+                before = config_lib.load(str(saved))
+                changed = config_lib.identity_diff(before, self.cfg)
                 if changed:
+                    values = [f"--{key}={config_lib.value_of(before, key)}" for key in changed]
                     raise ConfigError(f"run directory '{self.run_dir}' holds a run with different "
-                                      f"{', '.join(changed)}; choose another --run.name to start a new run")
+                                      f"{', '.join(changed)}; to continue it pass {' '.join(values)}, or choose "
+                                      f"another --run.name to start a new run")
             except GenfoundryError as e:
                 error = e
         # Also the barrier before rank 0 rewrites config.toml, which the others may still be reading.
@@ -496,7 +506,7 @@ class Trainer:
         (final / "model.json").write_text(json.dumps(meta, indent=2))
         self.print(f"final weights in {final}, samples in {path}")
         ema_loss, raw_loss = losses["val_loss_ema"], losses["val_loss"]
-        if ema_loss is not None and raw_loss is not None and ema_loss > EMA_WORSE * raw_loss:
+        if ema_clearly_worse(raw_loss, ema_loss):
             self.print(f"note: the EMA validates clearly worse than the raw weights (val_loss_ema {ema_loss:.4f}, "
                        f"val_loss {raw_loss:.4f}): its half-life of {self.ema_halflife() / 1000:.4g}k images still "
                        f"holds early weights after {self.images_seen / 1000:.4g}k images (a shorter "
