@@ -174,3 +174,20 @@ def test_folders_take_the_same_default_side_as_shard_sets(photos, tmp_path):
         Image.fromarray(np.full((24, 24, 3), i * 20, np.uint8)).save(square / f"{i}.png")
     data = training_data(data_cfg(square), 8, 8, 0, "cpu")
     assert data.resolution == 24 and not any("resolution" in n for n in data.notes)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "remove"])
+def test_a_broken_shard_set_is_refused_before_training_starts(photo_shards, tmp_path, damage):
+    """Checked when the data is built (a stat per file), on every rank: one rank's broken copy used to
+    surface in the middle of some batch on that rank only, while its peers waited in a collective."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(photo_shards, copy)
+    tar = copy / "shard-000002.tar"
+    if damage == "truncate":
+        tar.write_bytes(tar.read_bytes()[:1024])
+    else:
+        tar.unlink()
+    with pytest.raises(ShardError, match="shard-000002.tar (is missing|has 1024 bytes)"):
+        training_data(data_cfg(copy), 8, 8, 0, "cpu")

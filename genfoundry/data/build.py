@@ -90,10 +90,14 @@ def _holdout(num_samples: int, fraction: float, val_batch_size: int, global_batc
 
 
 def _from_shards(cfg, global_batch_size, val_batch_size, seed, device) -> TrainingData:
-    from genfoundry.shards import ShardDataset
+    from genfoundry.shards import ShardDataset, ShardError
 
     dataset = ShardDataset(cfg.source)
     name = Path(str(cfg.source).rstrip("/")).name
+    problems = dataset.verify(checksums=False)  # missing or cut shards: an error now, not in some rank's batch
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ShardError(f"{problems[0]}{more}; pack '{name}' again or copy its missing files")
     channels, content_notes = _channels_of(dataset, cfg.channels)
     resolution, notes = shard_resolution(dataset, cfg.resolution)
     notes = content_notes + notes

@@ -21,6 +21,7 @@ from genfoundry import config as config_lib
 from genfoundry import metrics
 from genfoundry.config import Config, ConfigError
 from genfoundry.errors import GenfoundryError
+from genfoundry.sources import SourceError
 from genfoundry.data.build import training_data
 from genfoundry.data.order import chunk_index
 from genfoundry.diffusion import FlowMatching, generate, grid, save_png
@@ -60,7 +61,13 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
         tc = cfg.train
 
-        self.data = training_data(cfg.data, tc.global_batch_size, tc.val_batch_size, cfg.run.seed, self.device)
+        error = None
+        try:
+            self.data = training_data(cfg.data, tc.global_batch_size, tc.val_batch_size, cfg.run.seed, self.device)
+        except GenfoundryError as e:  # a node-local copy may be broken on some ranks only
+            error = e
+        parallel.raise_together(error, lambda n: SourceError(
+            f"{n} rank(s) cannot read the training data '{cfg.data.source}' (their messages say why)"))
         model = build_model(cfg.model.preset, self.data.resolution, self.data.channels,
                             self.data.num_classes).to(self.device)
         self.ema = copy.deepcopy(model).eval().requires_grad_(False)
