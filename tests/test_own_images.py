@@ -40,6 +40,20 @@ def photo_shards(photos, tmp_path_factory):
     return out
 
 
+def damaged_copy(shards, tmp_path, name: str, damage: str, keep: int):
+    """A copy of a shard set with one tar cut to its first `keep` bytes ('truncate') or gone ('remove')."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(shards, copy)
+    tar = copy / name
+    if damage == "truncate":
+        tar.write_bytes(tar.read_bytes()[:keep])
+    else:
+        tar.unlink()
+    return copy
+
+
 def data_cfg(source, **values):
     return config.load(None, {"data.source": str(source), **values}).data
 
@@ -104,15 +118,7 @@ def test_holdout_that_leaves_no_batch_is_one_clear_error(photos):
 def test_truncated_or_missing_shard_stops_with_one_line(photo_shards, tmp_path, damage, workers):
     """A shard that cannot be read is an error of the whole shard: it used to be caught as a corrupt sample
     and replaced by other samples of the batch, silently duplicating them."""
-    import shutil
-
-    copy = tmp_path / "copy"
-    shutil.copytree(photo_shards, copy)
-    tar = copy / "shard-000001.tar"
-    if damage == "truncate":
-        tar.write_bytes(tar.read_bytes()[:2048])
-    else:
-        tar.unlink()
+    copy = damaged_copy(photo_shards, tmp_path, "shard-000001.tar", damage, keep=2048)
     loader = DataPipeline().add_transform(Resize((16, 16))).loader(str(copy), 24, seed=0, num_workers=workers)
     with pytest.raises(ShardError) as e:
         next(iter(loader))
@@ -180,14 +186,6 @@ def test_folders_take_the_same_default_side_as_shard_sets(photos, tmp_path):
 def test_a_broken_shard_set_is_refused_before_training_starts(photo_shards, tmp_path, damage):
     """Checked when the data is built (a stat per file), on every rank: one rank's broken copy used to
     surface in the middle of some batch on that rank only, while its peers waited in a collective."""
-    import shutil
-
-    copy = tmp_path / "copy"
-    shutil.copytree(photo_shards, copy)
-    tar = copy / "shard-000002.tar"
-    if damage == "truncate":
-        tar.write_bytes(tar.read_bytes()[:1024])
-    else:
-        tar.unlink()
+    copy = damaged_copy(photo_shards, tmp_path, "shard-000002.tar", damage, keep=1024)
     with pytest.raises(ShardError, match="shard-000002.tar (is missing|has 1024 bytes)"):
         training_data(data_cfg(copy), 8, 8, 0, "cpu")
