@@ -122,7 +122,7 @@ def test_channels_follow_the_majority_and_conversions_are_counted(tmp_path):
         del index[key]
     (out / "index.json").write_text(json.dumps({**index, "format_version": 1}))
     data = training_data(data_cfg(out, **{"data.holdout": 0}), 2, 2, 0, "cpu")
-    assert data.channels == 3 and note in data.notes and any("read the headers of 4" in n for n in data.notes)
+    assert data.channels == 3 and note in data.notes and any("from the headers of 4 of 4 samples" in n for n in data.notes)
 
     for i in range(3):
         solid(root / "a" / f"{i + 5}.png", 20 * i, gray=True)

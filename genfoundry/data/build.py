@@ -132,29 +132,64 @@ def shard_resolution(dataset, resolution: int = 0) -> tuple[int, list[str]]:
     packed = dataset.options.get("resolution")
     if packed:
         return int(packed), []
-    sizes = dataset.index.get("image_sizes") or _scan_sizes(dataset)
+    sizes = content_summary(dataset)["image_sizes"]
     side, note = default_side(sizes["distinct"], tuple(sizes["most_common"][:2]))
     return side, [note] if note else []
 
 
-SIZE_SCAN = 1000  # headers read, spread over the set, when index.json has no size summary (older packs)
+SIZE_SCAN = 1000  # headers read, spread over the set, when index.json has no counts (packed before format 2)
 
 
-def _scan_sizes(dataset) -> dict:
-    from collections import Counter
+def content_summary(dataset) -> dict:
+    """index.json's "image_sizes", "channels" and "num_unlabelled" (shard format 2); for an older set,
+    the same counted from the headers and labels of up to SIZE_SCAN samples spread over it (all of a
+    smaller set; no pixels are decoded), with "scanned" saying how many. Worked out once per dataset."""
+    if "channels" in dataset.index and "image_sizes" in dataset.index:
+        return dataset.index
+    if getattr(dataset, "_content_summary", None) is None:
+        from collections import Counter
 
-    from genfoundry.data.decode import DecodeError, image_size
+        from genfoundry.data.decode import DecodeError, image_channels, image_size
 
-    counts = Counter()
-    for i in np.unique(np.linspace(0, len(dataset) - 1, min(len(dataset), SIZE_SCAN)).astype(np.int64)):
-        try:
-            counts[image_size(dataset.read(int(i))[0])] += 1
-        except DecodeError:
-            continue
-    if not counts:
-        raise SourceError(f"no image of '{dataset.url}' has a readable header")
-    (width, height), count = counts.most_common(1)[0]
-    return {"distinct": len(counts), "most_common": [width, height, count]}
+        sizes, channels, unlabelled = Counter(), {1: 0, 3: 0}, 0
+        chosen = np.unique(np.linspace(0, len(dataset) - 1, min(len(dataset), SIZE_SCAN)).astype(np.int64))
+        for i in chosen:
+            data, meta = dataset.read(int(i))
+            unlabelled += meta.get("label") is None
+            try:
+                sizes[image_size(data)] += 1
+                channels[image_channels(data)] += 1
+            except DecodeError:
+                continue  # the loader substitutes it, and counts and names it, when it comes up
+        if not sizes:
+            raise SourceError(f"no image of '{dataset.url}' has a readable header")
+        (width, height), count = sizes.most_common(1)[0]
+        dataset._content_summary = {"image_sizes": {"distinct": len(sizes), "most_common": [width, height, count]},
+                                    "channels": channels, "num_unlabelled": unlabelled, "scanned": len(chosen)}
+    return dataset._content_summary
+
+
+def _channels_of(dataset, requested: int = 0) -> tuple[int, list[str]]:
+    """The channels a shard set trains with (`requested`, else the set's majority) and the notes on what
+    that converts and which samples have no label (`content_summary`)."""
+    from genfoundry.sources import choose_channels
+
+    summary, notes = content_summary(dataset), []
+    counts = {int(c): n for c, n in summary["channels"].items()}
+    unlabelled, total = summary["num_unlabelled"], len(dataset)
+    if "scanned" in summary:
+        total = summary["scanned"]
+        notes.append(f"counted channels and labels from the headers of {total} of {len(dataset)} samples "
+                     f"(packed before shard format 2; pack again for exact counts and no scan)")
+    channels, note = choose_channels(counts, requested)
+    notes += [note] if note else []
+    if unlabelled == total:
+        notes.append("no sample has a label: all train only the unconditional (null) class; pack the images "
+                     "again to make them one class")
+    elif unlabelled:
+        notes.append(f"{unlabelled} of {total} samples have no class (files at the top of a folder with "
+                     f"class folders, or list rows without a label): they train only the unconditional (null) class")
+    return channels, notes
 
 
 def decoded_samples(dataset, indices, pipeline: DataPipeline, failed: list[str]) -> Iterator[tuple[np.ndarray, int]]:
@@ -180,36 +215,3 @@ def shard_pipeline(resolution: int, channels: int, fast_jpeg: bool = False, hfli
     validation batch and FID references all decode through it."""
     p = DataPipeline(channels, fast_jpeg).add_transform(Resize(resolution)).add_transform(CenterCrop(resolution))
     return p.add_transform(RandomHorizontalFlip()) if hflip else p
-
-
-def _channels_of(dataset, requested: int = 0) -> tuple[int, list[str]]:
-    """The channels a shard set trains with (`requested`, else the set's majority) and the notes on what
-    that converts and which samples have no label, from index.json; sets packed before format 2 have
-    no counts there, so every sample's header is read (Pillow decodes no pixels for it)."""
-    from genfoundry.data.decode import DecodeError, image_channels
-    from genfoundry.sources import choose_channels
-
-    index, notes = dataset.index, []
-    if "channels" in index:
-        counts = {int(c): n for c, n in index["channels"].items()}
-        unlabelled = index["num_unlabelled"]
-    else:
-        counts, unlabelled = {1: 0, 3: 0}, 0
-        for i in range(len(dataset)):
-            data, meta = dataset.read(i)
-            unlabelled += meta.get("label") is None
-            try:
-                counts[image_channels(data)] += 1
-            except DecodeError:
-                continue  # the loader substitutes it, and counts and names it, when it comes up
-        notes.append(f"read the headers of {len(dataset)} samples to count their channels (packed before "
-                     f"shard format 2; pack again to skip this)")
-    channels, note = choose_channels(counts, requested)
-    notes += [note] if note else []
-    if unlabelled == len(dataset):
-        notes.append("no sample has a label: all train only the unconditional (null) class; pack the images "
-                     "again to make them one class")
-    elif unlabelled:
-        notes.append(f"{unlabelled} of {len(dataset)} samples have no class (files at the top of a folder with "
-                     f"class folders, or list rows without a label): they train only the unconditional (null) class")
-    return channels, notes
