@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import gzip
-from collections import Counter
 import importlib.util
 import os
 import pickle
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -162,6 +162,7 @@ class FolderListing:
     files: list[tuple[Path, int | None]]  # label None: a file at the top, beside class folders
     class_names: list[str]
     left_out: dict[str, str]              # path -> reason: a broken or looping symbolic link
+    ignored: dict[str, int] = field(default_factory=dict)  # suffix -> files not read as images (.heic, .txt)
 
 
 def _could_be_input(name: str) -> bool:
@@ -169,12 +170,13 @@ def _could_be_input(name: str) -> bool:
     return suffix in IMAGE_SUFFIXES or not suffix  # no suffix: perhaps a class folder
 
 
-def _walk(root: Path) -> tuple[list[str], dict[str, str]]:
-    """Relative paths of the image files under `root` (symbolic links followed), and what was left out.
+def _walk(root: Path) -> tuple[list[str], dict[str, str], dict[str, int]]:
+    """Relative paths of the image files under `root` (symbolic links followed), what was left out, and
+    how many other files there are by suffix (not hidden ones): a .heic photo is not read, and is counted.
 
     A folder that cannot be listed is an error rather than a left-out entry: its files, perhaps a whole
     class, would be missing without a trace of how many."""
-    files, left_out = [], {}
+    files, left_out, ignored = [], {}, Counter()
 
     def visit(folder: Path, prefix: str, ancestors: frozenset[str]) -> None:
         try:
@@ -203,9 +205,11 @@ def _walk(root: Path) -> tuple[list[str], dict[str, str]]:
                     visit(Path(entry.path), rel + "/", ancestors | {real})
             elif is_file and Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
                 files.append(rel)
+            elif is_file and not entry.name.startswith("."):
+                ignored[Path(entry.name).suffix.lower() or "(no suffix)"] += 1
 
     visit(root, "", frozenset({os.path.realpath(root)}))
-    return sorted(files), left_out
+    return sorted(files), left_out, dict(sorted(ignored.items()))
 
 
 def list_folder(root: str | Path) -> FolderListing:
@@ -216,16 +220,16 @@ def list_folder(root: str | Path) -> FolderListing:
     root = Path(os.path.abspath(os.path.expanduser(root)))
     if not root.is_dir():
         raise SourceError(f"image folder '{root}' does not exist")
-    rels, left_out = _walk(root)
+    rels, left_out, ignored = _walk(root)
     if not rels:
         raise SourceError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under '{root}'"
                           + (f"; {len(left_out)} broken or looping links left out" if left_out else ""))
     class_names = sorted({rel.split("/")[0] for rel in rels if "/" in rel})
     if not class_names:
-        return FolderListing(root, [(root / rel, 0) for rel in rels], [root.name], left_out)
+        return FolderListing(root, [(root / rel, 0) for rel in rels], [root.name], left_out, ignored)
     label = {name: i for i, name in enumerate(class_names)}
     files = [(root / rel, label[rel.split("/")[0]] if "/" in rel else None) for rel in rels]
-    return FolderListing(root, files, class_names, left_out)
+    return FolderListing(root, files, class_names, left_out, ignored)
 
 
 def choose_channels(counts: dict[int, int], requested: int = 0) -> tuple[int, str | None]:
@@ -252,6 +256,15 @@ def failure_reason(e: Exception) -> str:
     """Why an input was left out, from the decoder's exception, the same in every run."""
     # Messages can carry object addresses; stripped, a redone shard's index is byte-identical.
     return re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(e).__name__}: {e}")
+
+
+def ignored_note(ignored: dict[str, int], folder: str) -> str | None:
+    """One line on the files of other suffixes, which are not read, or None when there are none."""
+    if not ignored:
+        return None
+    kinds = ", ".join(f"{suffix} {n}" for suffix, n in ignored.items())
+    return (f"{sum(ignored.values())} files under '{folder}' are not images genfoundry reads ({kinds}); "
+            f"it reads {', '.join(sorted(IMAGE_SUFFIXES))}")
 
 
 def left_out_note(left_out: dict[str, str], total: int, root: Path, examples: int = 3) -> str:
@@ -325,7 +338,7 @@ def load_folder(root: str | Path, resolution: int = 0, channels: int = 0) -> Ima
     if not images:
         path, reason = next(iter(skipped.items()))
         raise SourceError(f"none of the {total} images under '{listing.root}' could be decoded, e.g. {path}: {reason}")
-    notes = [note for note in (channel_note, side_note) if note]
+    notes = [note for note in (channel_note, side_note, ignored_note(listing.ignored, listing.root.name)) if note]
     unlabelled = sum(label < 0 for label in labels)
     if unlabelled:
         notes.append(unlabelled_note(unlabelled, listing.root.name))

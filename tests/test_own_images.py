@@ -189,3 +189,20 @@ def test_a_broken_shard_set_is_refused_before_training_starts(photo_shards, tmp_
     copy = damaged_copy(photo_shards, tmp_path, "shard-000002.tar", damage, keep=1024)
     with pytest.raises(ShardError, match="shard-000002.tar (is missing|has 1024 bytes)"):
         training_data(data_cfg(copy), 8, 8, 0, "cpu")
+
+
+def test_files_of_other_kinds_are_counted_not_silently_skipped(tmp_path, capsys):
+    """A .heic photo is not read: pack and folder training say how many such files there are."""
+    from genfoundry.cli import main
+
+    root = tmp_path / "photos"
+    (root / "cats").mkdir(parents=True)
+    for i in range(9):
+        Image.fromarray(np.full((16, 16, 3), i * 25, np.uint8)).save(root / "cats" / f"{i}.png")
+    (root / "cats" / "phone.heic").write_bytes(b"not read")
+    (root / "notes.txt").write_text("a note")
+    (root / ".DS_Store").write_bytes(b"hidden: not counted")
+    assert main(["pack", str(root), str(tmp_path / "shards"), "--workers", "1"]) == 0
+    assert "2 files under 'photos' are not images genfoundry reads (.heic 1, .txt 1)" in capsys.readouterr().out
+    data = training_data(data_cfg(root, **{"data.holdout": 0}), 8, 8, 0, "cpu")
+    assert any("2 files under 'photos' are not images genfoundry reads" in n for n in data.notes)

@@ -25,7 +25,7 @@ from genfoundry.shards.index import (FAILURES_NAME, FORMAT_VERSION, INDEX_NAME, 
                                      sha256_bytes, sha256_file, tar_name, ustar_header, write_atomic)
 from genfoundry.errors import writable_directory
 from genfoundry.sources import (SOURCES, SourceError, as_8bit, center_crop_resize, channels_of, failure_reason,
-                                list_folder, load_images, orientation)
+                                ignored_note, list_folder, load_images, orientation)
 
 FORMATS = ("keep", "jpeg", "png")
 SMALL_SIDE = 64  # at or below this side, JPEG artefacts are a large share of the signal: store PNG
@@ -52,6 +52,7 @@ class Inputs:
     class_names: list[str]
     arrays: np.ndarray | None = None  # uint8 [N, H, W, C] pixels when the source is a dataset
     left_out: list[dict] = field(default_factory=list)  # {"source", "reason"} of entries the listing skipped
+    ignored: dict[str, int] = field(default_factory=dict)  # suffix -> files of a folder not read as images
 
 
 @dataclass
@@ -86,7 +87,7 @@ def list_inputs(src: str) -> Inputs:
         items = [Input(str(p), label, None if label is None else listing.class_names[label])
                  for p, label in listing.files]
         left_out = [{"source": source, "reason": reason} for source, reason in listing.left_out.items()]
-        return Inputs(items, listing.class_names, left_out=left_out)
+        return Inputs(items, listing.class_names, left_out=left_out, ignored=listing.ignored)
     if path.is_file() and path.suffix.lower() in (".csv", ".parquet"):
         return _list_file(path)
     if path.is_file():
@@ -412,7 +413,7 @@ def pack(src: str, out: str, samples_per_shard: int = 1000, resolution: int | No
                          f"the reasons are in {outdir / FAILURES_NAME}")
     (width, height), count = min(sizes.items(), key=lambda kv: (-kv[1], kv[0]))  # ties: the smaller size
     index = {"format_version": FORMAT_VERSION, "num_samples": start, "num_inputs": num_inputs,
-             "num_failures": len(failures), "num_reencoded": sum(reencoded.values()),
+             "num_failures": len(failures), "ignored_files": inputs.ignored, "num_reencoded": sum(reencoded.values()),
              "reencoded": dict(sorted(reencoded.items())), "num_unlabelled": unlabelled,
              "channels": {c: channels[c] for c in ("1", "3")},
              "image_sizes": {"distinct": len(sizes), "most_common": [width, height, count]},
@@ -435,4 +436,6 @@ def summary(index: dict, out: str) -> str:
         parts.append(f"{gray} grayscale and {colour} colour images")
     if index["num_unlabelled"]:
         parts.append(f"{index['num_unlabelled']} without a class: they train only the unconditional (null) class")
+    if index.get("ignored_files"):
+        parts.append(ignored_note(index["ignored_files"], Path(index["options"]["source"]).name))
     return "; ".join(parts)
