@@ -26,8 +26,11 @@ class TrainingData:
     resolution: int
     channels: int
     val_images: np.ndarray     # uint8 [N, H, W, C], the same every time
-    val_labels: np.ndarray
+    val_labels: np.ndarray     # int64 [N]; -1 (no label) becomes the null class, num_classes, here
     notes: list[str] = field(default_factory=list)  # one line each: what was converted, left out or chosen
+
+    def __post_init__(self):
+        self.val_labels = np.where(self.val_labels < 0, self.num_classes, self.val_labels).astype(np.int64)
 
     @property
     def num_classes(self) -> int:
@@ -68,9 +71,8 @@ def training_data(cfg, global_batch_size: int, val_batch_size: int, seed: int, d
         return InMemoryLoader(train, global_batch_size, seed, device, cfg.hflip, rank, world_size, accumulation)
 
     n = min(val_batch_size, len(val))
-    val_labels = np.where(val.labels[:n] < 0, len(train.class_names), val.labels[:n])  # unlabelled: null class
     return TrainingData(make_loader, train.name, train.class_names, train.resolution, train.channels,
-                        val.images[:n], val_labels, notes)
+                        val.images[:n], val.labels[:n], notes)
 
 
 def _holdout(num_samples: int, fraction: float, val_batch_size: int, global_batch_size: int,
@@ -119,7 +121,7 @@ def _from_shards(cfg, global_batch_size, val_batch_size, seed, device) -> Traini
     if not val:
         raise SourceError(f"none of the {len(held)} validation images of '{name}' could be decoded")
     val_images = np.stack([image for image, _ in val])
-    val_labels = np.asarray([len(class_names) if y < 0 else y for _, y in val], dtype=np.int64)  # -1: null class
+    val_labels = np.asarray([y for _, y in val], dtype=np.int64)
     return TrainingData(make_loader, name, class_names, resolution, channels, val_images, val_labels, notes)
 
 

