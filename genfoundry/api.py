@@ -15,7 +15,7 @@ from genfoundry import config as config_lib
 from genfoundry.config import Config, ConfigError
 from genfoundry.diffusion import generate, grid, save_png
 from genfoundry.errors import GenfoundryError, writable_directory
-from genfoundry.shards.index import write_atomic
+from genfoundry.checkpoint.storage import write_atomic
 from genfoundry.models import DiT, DiTArch
 from genfoundry.trainer import Trainer, run_dir_of
 from genfoundry.trainer.loop import ema_clearly_worse
@@ -156,7 +156,7 @@ def sample(run_dir: str | Path, out_dir: str | Path | None = None, num_images: i
             save_png(images[i], out / f"{i:06d}-{names[labels[i]]}.png")
     info = {"format_version": FORMAT_VERSION, "run": str(run_dir), "num_images": num_images,
             "weights": meta["weights"], "classes": [names[c] for c in chosen], **settings, "out_dir": str(out)}
-    (out / "sampling.json").write_text(json.dumps(info, indent=2))
+    write_atomic(out / "sampling.json", json.dumps(info, indent=2).encode())
     return info
 
 
@@ -213,7 +213,7 @@ def demo(overrides: dict | None = None, print_fn=print) -> dict:
     summary = {"format_version": FORMAT_VERSION, "wall_s": time.perf_counter() - t0, "train_s": train_s,
                "fid": result["fid"], "kid_mean": result["kid_mean"], "num_generated": result["num_generated"],
                "reference": result["reference"], "run": str(run_dir_of(cfg))}
-    (run_dir_of(cfg) / "demo.json").write_text(json.dumps(summary, indent=2))
+    write_atomic(run_dir_of(cfg) / "demo.json", json.dumps(summary, indent=2).encode())
     print_fn(f"demo finished in {summary['wall_s']:.0f} s: FID {summary['fid']:.2f} on {summary['num_generated']} "
              f"samples vs {summary['reference']}; grids in {run_dir_of(cfg) / 'samples'}")
     return summary

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from genfoundry import accel
+from genfoundry.checkpoint.storage import write_atomic
 from genfoundry.distributed import costmodel, parallel, torus
 
 DEFAULT_SIZES = [4096 * 4**k for k in range(9)]  # 4 KiB ... 256 MiB
@@ -167,7 +168,7 @@ def run(sizes: list[int] | None = None, iters: int = 20, out: str | None = None,
               "choices": choices, "simulation": simulation}
     if out and accel.rank() == 0:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=2))
+        write_atomic(Path(out), json.dumps(result, indent=2).encode())
     parallel.destroy_process_group()
     return result
 

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from genfoundry import metrics
+from genfoundry.checkpoint.storage import write_atomic
 from genfoundry.distributed.launch import torchrun_command
 
 METHODS = ("none", "topk", "powersgd")
@@ -71,6 +72,7 @@ def run(nproc: int = 2, recipe: str = "mnist", overrides: list[str] | None = Non
               f"loss {r['val_loss_vs_none']:+.2%} vs none, speed {r['speed_vs_none']:.2f}x")
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps({"format_version": 1, "benchmark": "compression", "nproc": nproc,
-                                         "recipe": recipe, "overrides": overrides, "results": results}, indent=2))
+        write_atomic(Path(out), json.dumps({"format_version": 1, "benchmark": "compression", "nproc": nproc,
+                                            "recipe": recipe, "overrides": overrides, "results": results},
+                                           indent=2).encode())
     return results

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from genfoundry.checkpoint.storage import write_atomic
 from genfoundry.errors import ConfigError
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -240,7 +241,7 @@ def run(workers: int = 2, batch: int = 64, count: int = 2000, seconds: float = 3
         print(f"raw batched decode_jpeg on {device} (no resize): {raw['images_per_s']:.0f} images/s", flush=True)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=2))
+        write_atomic(Path(out), json.dumps(result, indent=2).encode())
     return result
 
 

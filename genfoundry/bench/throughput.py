@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from genfoundry import accel, seeding
+from genfoundry.checkpoint.storage import write_atomic
 from genfoundry.diffusion import FlowMatching
 from genfoundry.models import build_model
 
@@ -201,7 +202,7 @@ def run(presets: list[str], batch_size: int, precision: str, compile: str, steps
                 say(f"{preset} {prec}: genfoundry / baseline = {ours['images_per_s'] / base['images_per_s']:.2f}x")
     if out and accel.rank() == 0:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps({"format_version": 2, "benchmark": "train_throughput", "results": results},
-                                        indent=2))
+        write_atomic(Path(out), json.dumps({"format_version": 2, "benchmark": "train_throughput",
+                                            "results": results}, indent=2).encode())
     parallel.destroy_process_group()
     return results

@@ -47,7 +47,7 @@ class FeatureStats:
 
     def save(self, path: str | Path) -> None:
         """Writes atomically; the covariance is stored as its upper triangle (it is symmetric)."""
-        from genfoundry.shards.index import write_atomic
+        from genfoundry.checkpoint.storage import write_atomic
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,8 @@ import numpy as np
 
 from genfoundry.shards.index import (FAILURES_NAME, FORMAT_VERSION, INDEX_NAME, SHARD_FILE, TAR_BLOCK, TAR_RECORD,
                                      TEMP_FILE, ShardError, encode_json, idx_name, read_shard_index, sample_key,
-                                     sha256_bytes, sha256_file, tar_name, ustar_header, write_atomic)
+                                     sha256_bytes, sha256_file, tar_name, ustar_header)
+from genfoundry.checkpoint.storage import atomic_writer, write_atomic
 from genfoundry.errors import writable_directory
 from genfoundry.sources import (SOURCES, SourceError, as_8bit, center_crop_resize, channels_of, failure_reason,
                                 ignored_note, list_folder, load_images, orientation)
@@ -261,10 +262,9 @@ def write_shard(task: _Task) -> dict:
     """Writes one shard's tar, then its index file (both atomically); returns the shard's record."""
     out = Path(task.out)
     tar_path, idx_path = out / tar_name(task.number), out / idx_name(task.number)
-    tmp = out / f".{tar_path.name}.tmp{os.getpid()}"
     keys, offsets, failures = [], [], []
     channels, sizes, reencoded, unlabelled = Counter(), Counter(), Counter(), 0
-    with open(tmp, "wb", buffering=1 << 20) as f:
+    with atomic_writer(tar_path) as f:
         tar = _TarWriter(f)
         for k, item in enumerate(task.items):
             key = sample_key(task.first + k)
@@ -287,9 +287,6 @@ def write_shard(task: _Task) -> dict:
             keys.append(key)
             offsets.append([*image_at, *meta_at])
         tar.finish()
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, tar_path)
     idx = {"format_version": FORMAT_VERSION, "name": tar_path.name, "bytes": tar_path.stat().st_size,
            "sha256": sha256_file(tar_path), "recipe": task.recipe, "first_input": task.first,
            "num_inputs": len(task.items), "num_samples": len(keys), "keys": keys, "offsets": offsets,

@@ -21,6 +21,7 @@ from urllib.request import url2pathname
 
 import numpy as np
 
+from genfoundry.checkpoint.storage import atomic_writer
 from genfoundry.shards.index import (INDEX_NAME, ShardError, check_dataset_index, read_shard_index, sha256_bytes,
                                      sha256_file)
 
@@ -116,18 +117,19 @@ class ShardDataset:
         path = self.cache / _cached_name(name, sha256)
         if path.is_file():
             return path
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        # Hashed while it streams in; a copy that does not match is never renamed into place. Concurrent
+        # readers may each fetch: the rename makes either copy whole.
         try:
-            self.fs.get_file(self._remote(name), str(tmp))
+            with atomic_writer(path) as f, self.fs.open(self._remote(name), "rb") as remote:
+                h = hashlib.sha256()
+                for block in iter(lambda: remote.read(1 << 20), b""):
+                    h.update(block)
+                    f.write(block)
+                if h.hexdigest() != sha256:
+                    raise ShardError(f"{name} at '{self.url}' does not match its checksum in {INDEX_NAME} "
+                                     f"(sha256 {h.hexdigest()[:12]}..., expected {sha256[:12]}...)")
         except FileNotFoundError:
-            tmp.unlink(missing_ok=True)
             raise ShardError(f"{name} is missing at '{self.url}'") from None
-        digest = sha256_file(tmp)
-        if digest != sha256:
-            tmp.unlink()
-            raise ShardError(f"{name} at '{self.url}' does not match its checksum in {INDEX_NAME} "
-                             f"(sha256 {digest[:12]}..., expected {sha256[:12]}...)")
-        os.replace(tmp, path)  # concurrent readers may each fetch; the rename makes either copy whole
         return path
 
     def _load_offsets(self, shard: int) -> np.ndarray:

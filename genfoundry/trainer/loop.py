@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
 from genfoundry import accel, checkpoint, seeding
 from genfoundry import config as config_lib
@@ -278,7 +278,7 @@ class Trainer:
         if self.rank == 0:
             try:
                 (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
-                saved.write_text(config_lib.dumps(self.cfg))
+                checkpoint.write_atomic(saved, config_lib.dumps(self.cfg).encode())
             except OSError as e:
                 error = ConfigError(f"cannot write the run directory '{self.run_dir}': {e.strerror or e}")
         parallel.raise_together(error, lambda n: ConfigError(
@@ -505,12 +505,13 @@ class Trainer:
             return
         final = self.run_dir / "final"
         final.mkdir(exist_ok=True)
-        save_file({k: v.contiguous() for k, v in ema.items()}, str(final / "ema.safetensors"))
-        save_file({k: v.contiguous() for k, v in model.items()}, str(final / "model.safetensors"))
+        for name, state in (("ema", ema), ("model", model)):
+            checkpoint.write_atomic(final / f"{name}.safetensors",
+                                    safetensors_bytes({k: v.contiguous() for k, v in state.items()}))
         meta = {"format_version": FORMAT_VERSION, "preset": self.cfg.model.preset,
                 "arch": self.net.arch.to_dict(), "class_names": self.data.class_names,
                 "source": self.data.name, "step": self.step, "images_seen": self.images_seen, **losses}
-        (final / "model.json").write_text(json.dumps(meta, indent=2))
+        checkpoint.write_atomic(final / "model.json", json.dumps(meta, indent=2).encode())  # last: marks it whole
         self.print(f"final weights in {final}, samples in {path}")
         ema_loss, raw_loss = losses["val_loss_ema"], losses["val_loss"]
         if ema_clearly_worse(raw_loss, ema_loss):

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 from pathlib import Path
 
 import torch
 
+from genfoundry.checkpoint.storage import atomic_writer
 from genfoundry.errors import GenfoundryError
 
 FORMAT_VERSION = 1
@@ -29,11 +29,6 @@ def save(bundle: dict, directory: str | Path, step: int, keep: int = 2) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = checkpoint_path(directory, step)
     _atomic_save(bundle, path)
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
     for old in list_checkpoints(directory)[:-keep]:
         old.unlink(missing_ok=True)
         for rank_file in directory.glob(f"{old.stem}.rank*.pt"):
@@ -56,13 +51,8 @@ def save_rank_state(state: dict, directory: str | Path, step: int, rank: int) ->
 
 
 def _atomic_save(state: dict, path: Path) -> None:
-    """Writes under a temporary name, syncs, then renames: a crash never leaves a torn file."""
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with atomic_writer(path) as f:
         torch.save({"format_version": FORMAT_VERSION, **state}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def load_rank_state(directory: str | Path, step: int, rank: int, map_location="cpu") -> dict | None:
