@@ -1,4 +1,4 @@
-"""The training loop, precision handling and the state it saves."""
+"""The training loop (loop.py), the state it saves and resumes from (state.py), precision handling."""
 
 from genfoundry.trainer.loop import Trainer, run_dir_of
 
