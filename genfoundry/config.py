@@ -100,14 +100,11 @@ class TrainConfig:
     val_every: int = 200            # steps between fixed-noise validation losses
     val_batch_size: int = 256       # held-out images in the fixed validation batch
     sample_every: int = 500         # steps between sample grids (0 disables)
-    checkpoint_every: int = 500     # steps between checkpoints (0 disables)
-    keep_checkpoints: int = 2       # newest checkpoints kept on disk
 
     def __post_init__(self):
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"train.precision must be auto, fp32, bf16 or fp16, got '{self.precision}'")
-        for name in ("global_batch_size", "steps", "log_every", "val_batch_size", "keep_checkpoints",
-                     "fp16_max_overflows"):
+        for name in ("global_batch_size", "steps", "log_every", "val_batch_size", "fp16_max_overflows"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be at least 1, got {getattr(self, name)}")
         if self.lr <= 0:
@@ -118,7 +115,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be at least 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "weight_decay", "grad_clip", "ema_halflife_kimg", "ema_rampup",
-                     "sample_every", "checkpoint_every"):
+                     "sample_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be 0 or more, got {getattr(self, name)}")
         for name in ("beta1", "beta2"):
@@ -126,6 +123,37 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be in [0, 1), got {getattr(self, name)}")
         if self.loss_scale_init <= 0:
             raise ConfigError(f"train.loss_scale_init must be positive, got {self.loss_scale_init}")
+
+
+@dataclass
+class CheckpointConfig:
+    full_every: int = 500           # steps between full training states (weights, optimizer, data position,
+                                    # RNG: what resumes exactly); also at the end; 0 disables
+    snapshot_every: int = 0         # steps between EMA snapshots (safetensors: enough to sample and evaluate); 0 disables
+    keep: int = 2                   # newest full states kept on local disk
+    keep_snapshots: int = 3         # newest snapshots kept on local disk
+    remote: str = ""                # fsspec URL (s3://..., file:///..., memory://...) the local tier is copied to
+                                    # in the background; empty: none
+    keep_remote: int = 2            # newest full states and snapshots each kept at the remote
+    upload_retries: int = 3         # attempts of one upload before it is reported as failed (training goes on)
+    asynchronous: bool = True       # stage to host memory between two steps and write in the background; false:
+                                    # training waits until each checkpoint is on disk
+    sharded: str = "auto"           # auto (torch.distributed.checkpoint shards under FSDP2, else one file) | full
+    grace_s: float = 60.0           # after SIGTERM: time to finish the step, save and exit 0
+    nonfinite_rollback: int = 3     # steps in a row with a non-finite loss or gradient (each skipped) before the run
+                                    # rolls back to the last good full state; 0: skip only
+
+    def __post_init__(self):
+        if self.sharded not in ("auto", "full"):
+            raise ConfigError(f"checkpoint.sharded must be auto or full, got '{self.sharded}'")
+        for name in ("keep", "keep_snapshots", "keep_remote", "upload_retries"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"checkpoint.{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("full_every", "snapshot_every", "nonfinite_rollback"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"checkpoint.{name} must be 0 or more, got {getattr(self, name)}")
+        if self.grace_s <= 0:
+            raise ConfigError(f"checkpoint.grace_s must be positive, got {self.grace_s}")
 
 
 COMM_HOOKS = ("none", "torus", "topk", "powersgd")
@@ -212,6 +240,7 @@ class Config:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -222,6 +251,10 @@ TRAINING_KEYS = ("global_batch_size", "lr", "warmup_steps", "weight_decay", "bet
                  "ema_halflife_kimg", "ema_rampup", "precision")
 # Keys of those sections that do not: the images and their order do not depend on the worker count.
 NON_TRAINING_KEYS = {"data": ("workers",)}
+
+
+# Keys that moved: a config or command line that still names one is told the new name.
+MOVED_KEYS = {"train.checkpoint_every": "checkpoint.full_every", "train.keep_checkpoints": "checkpoint.keep"}
 
 
 def to_dict(cfg: Config) -> dict:
@@ -328,6 +361,8 @@ def apply_overrides(cfg: Config, overrides: dict[str, object]) -> Config:
     data = to_dict(cfg)
     for dotted, value in overrides.items():
         section, _, key = dotted.partition(".")
+        if dotted in MOVED_KEYS:
+            raise ConfigError(f"config key '{dotted}' is now '{MOVED_KEYS[dotted]}'")
         if section not in sections or key not in sections[section]:
             close = difflib.get_close_matches(dotted, valid, n=1, cutoff=0.5)
             hint = f"; did you mean '{close[0]}'?" if close else ""

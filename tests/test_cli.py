@@ -26,7 +26,7 @@ def test_train_sample_eval_end_to_end_from_any_directory(cli, tmp_path):
     work = tmp_path / "elsewhere"
     work.mkdir()
     r = cli("train", "--config", "demo", "--train.steps=4", "--train.global_batch_size=8", "--train.log_every=2",
-            "--train.val_every=2", "--train.sample_every=2", "--train.checkpoint_every=2", "--sample.steps=2",
+            "--train.val_every=2", "--train.sample_every=2", "--checkpoint.full_every=2", "--sample.steps=2",
             "--sample.per_class=1", f"--eval.reference={ref}", "--eval.num_samples=12", "--eval.kid_subset_size=12",
             cwd=work, env={"GENFOUNDRY_CACHE": str(tmp_path / "cache")})
     assert r.returncode == 0, r.stderr

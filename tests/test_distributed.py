@@ -19,7 +19,7 @@ from multiproc import free_port, run_ranks
 
 QUIET = lambda *a, **k: None  # noqa: E731
 TINY = {"train.val_batch_size": 16, "train.log_every": 1, "train.val_every": 3, "train.sample_every": 0,
-        "train.checkpoint_every": 0, "train.warmup_steps": 1, "train.steps": 3, "train.global_batch_size": 8,
+        "checkpoint.full_every": 0, "train.warmup_steps": 1, "train.steps": 3, "train.global_batch_size": 8,
         "train.grad_clip": 0, "train.ema_halflife_kimg": 0.01, "sample.steps": 1, "sample.per_class": 1,
         "sample.sampler": "euler", "run.threads": 1, "data.hflip": "true"}
 
@@ -66,7 +66,7 @@ def test_ranks_and_micro_batches_are_equivalent_to_one_big_batch(tmp_path):
 
 @pytest.mark.timeout(240)
 def test_fsdp2_on_two_ranks_matches_one_rank_and_resumes_on_one(tmp_path):
-    overrides = {"parallel.strategy": "fsdp", "train.checkpoint_every": 2}
+    overrides = {"parallel.strategy": "fsdp", "checkpoint.full_every": 2}
     run_ranks(_train_rank, 2, tmp_path, "fsdp", overrides, timeout=180)
     train(tiny_cfg(tmp_path, "one"), QUIET)
     assert_close_weights(final_weights(tmp_path / "one"), final_weights(tmp_path / "fsdp"))
@@ -107,7 +107,7 @@ def test_fp16_overflows_skip_steps_then_switch_the_run_to_fp32(tmp_path):
     # A loss scale this large overflows fp16 on every step, however often it is halved.
     cfg = tiny_cfg(tmp_path, "fp16", **{"train.precision": "fp16", "train.loss_scale_init": 1e30,
                                         "train.fp16_max_overflows": 3, "train.steps": 6,
-                                        "train.checkpoint_every": 6})
+                                        "checkpoint.full_every": 6})
     lines = []
     train(cfg, lambda *a, **k: lines.append(" ".join(map(str, a))))
     rows = metrics.read_jsonl(tmp_path / "fp16" / "metrics.jsonl")
@@ -135,7 +135,7 @@ def test_a_killed_rank_makes_the_others_exit_within_the_timeout(tmp_path):
     timeout_s = 15
     args = [sys.executable, "-m", "genfoundry", "train", "--config", "demo", f"--run.root={tmp_path}",
             "--run.name=kill", "--train.steps=100000", "--train.log_every=1", "--train.sample_every=0",
-            "--train.checkpoint_every=0", "--train.val_every=100000", "--run.threads=1",
+            "--checkpoint.full_every=0", "--train.val_every=100000", "--run.threads=1",
             f"--parallel.timeout_s={timeout_s}"]
     port = free_port()
     procs = [subprocess.Popen(args, env=_rank_env(r, 2, port), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -177,7 +177,7 @@ sys.exit(cli.main(sys.argv[1:]))
 @pytest.mark.timeout(180)
 def test_a_bug_keeps_its_traceback_and_its_peer_says_it_lost_that_rank(tmp_path):
     args = ["train", "--config", "demo", f"--run.root={tmp_path}", "--run.name=bug", "--train.steps=100",
-            "--train.log_every=1", "--train.sample_every=0", "--train.checkpoint_every=0",
+            "--train.log_every=1", "--train.sample_every=0", "--checkpoint.full_every=0",
             "--train.val_every=1000", "--run.threads=1", "--parallel.timeout_s=30"]
     port = free_port()
     procs = [subprocess.Popen([sys.executable, "-c", _BUG_ON_RANK_0, *args], env=_rank_env(r, 2, port),
@@ -219,7 +219,7 @@ def test_nproc_and_two_node_rendezvous_train_like_one_process(tmp_path, cli):
 @pytest.mark.timeout(240)
 def test_topk_compression_trains_reports_bytes_and_resumes_exactly(tmp_path):
     overrides = {"parallel.comm_hook": "topk", "parallel.topk_ratio": 0.05, "parallel.topk_warmup_steps": 2,
-                 "train.steps": 4, "train.checkpoint_every": 2}
+                 "train.steps": 4, "checkpoint.full_every": 2}
     run_ranks(_train_rank, 2, tmp_path, "whole", overrides, timeout=180)
     run_ranks(_train_rank, 2, tmp_path, "split", {**overrides, "train.steps": 2}, timeout=180)
     assert (tmp_path / "split" / "checkpoints" / "step-000000002.rank1.pt").is_file()
@@ -258,7 +258,7 @@ def test_an_fp16_overflow_with_compression_is_skipped_and_the_run_recovers(tmp_p
 @pytest.mark.timeout(300)
 def test_powersgd_resumes_exactly_with_its_error_feedback_and_q(tmp_path):
     overrides = {"parallel.comm_hook": "powersgd", "parallel.powersgd_rank": 2,
-                 "parallel.powersgd_warmup_steps": 2, "train.steps": 4, "train.checkpoint_every": 2}
+                 "parallel.powersgd_warmup_steps": 2, "train.steps": 4, "checkpoint.full_every": 2}
     run_ranks(_train_rank, 2, tmp_path, "whole", overrides, timeout=180)
     # Resumed before compression starts (DDP's buckets differ on a resumed run's first step, so Q must
     # not be drawn per bucket), then with error feedback and Q to carry over.
@@ -286,7 +286,7 @@ def _resume_rank(rank, world_size, root, name, overrides_per_rank, out):
 
 
 def _node_local(root, steps):
-    return [{"run.root": f"{root}/node{r}", "train.checkpoint_every": 2, "train.steps": steps} for r in range(2)]
+    return [{"run.root": f"{root}/node{r}", "checkpoint.full_every": 2, "train.steps": steps} for r in range(2)]
 
 
 @pytest.mark.timeout(300)
@@ -304,7 +304,7 @@ def test_every_rank_resumes_from_the_step_rank_0_chose_or_all_stop(tmp_path):
 
 def _topk_overrides(steps):
     return [{"parallel.comm_hook": "topk", "parallel.topk_ratio": 0.05, "train.steps": steps,
-             "train.checkpoint_every": 2}] * 2
+             "checkpoint.full_every": 2}] * 2
 
 
 @pytest.mark.timeout(300)

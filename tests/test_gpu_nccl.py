@@ -33,7 +33,7 @@ def _cfg(root, source, name, **overrides):
 
     base = {"data.source": source, "data.resolution": 16, "data.channels": 3, "train.global_batch_size": 16,
             "train.val_batch_size": 16, "train.log_every": 1, "train.val_every": 2, "train.sample_every": 0,
-            "train.checkpoint_every": 2, "train.warmup_steps": 1, "sample.steps": 2, "sample.per_class": 1,
+            "checkpoint.full_every": 2, "train.warmup_steps": 1, "sample.steps": 2, "sample.per_class": 1,
             "run.root": str(root), "run.name": name}
     return config.load("demo", {**base, **overrides})
 

@@ -46,7 +46,7 @@ def tiny_cfg(root, folder, **overrides):
         "data.source": str(folder), "data.resolution": 16, "data.channels": 1, "model.preset": "DiT-T/4",
         "train.global_batch_size": 4, "train.val_batch_size": 4, "train.steps": 2, "train.lr": 2e-3,
         "train.warmup_steps": 0, "train.log_every": 1, "train.val_every": 1, "train.sample_every": 0,
-        "train.checkpoint_every": 0, "sample.steps": 1, "sample.per_class": 1, "run.threads": 1,
+        "checkpoint.full_every": 0, "sample.steps": 1, "sample.per_class": 1, "run.threads": 1,
         "run.root": str(root), "run.device": "cpu", **overrides})  # the CPU's figures, on any machine
 
 
@@ -65,7 +65,7 @@ def stale_ema_run(tmp_path_factory, folder):
 
 
 def test_a_resume_is_marked_and_the_reader_keeps_the_rows_of_the_run_that_went_on(tmp_path, folder):
-    cfg = tiny_cfg(tmp_path, folder, **{"train.steps": 4, "train.checkpoint_every": 2})
+    cfg = tiny_cfg(tmp_path, folder, **{"train.steps": 4, "checkpoint.full_every": 2})
     api.train(cfg, QUIET)
     run = tmp_path / "run"
     # As if killed after logging step 4 but before its checkpoint: the rerun goes on from step 2.
@@ -119,7 +119,7 @@ def test_an_ema_no_worse_than_the_raw_weights_is_kept_without_a_warning(tmp_path
 
 
 def test_rerunning_a_finished_run_still_records_its_validation_losses(tmp_path, folder):
-    cfg = tiny_cfg(tmp_path, folder, **{"train.checkpoint_every": 2})
+    cfg = tiny_cfg(tmp_path, folder, **{"checkpoint.full_every": 2})
     api.train(cfg, QUIET)
     first = json.loads((tmp_path / "run" / "final" / "model.json").read_text())
     api.train(cfg, QUIET)  # resumes at the end: no report runs, the final weights are written again
@@ -179,7 +179,7 @@ def test_precision_defaults_to_auto_and_resolves_to_fp32_on_a_cpu():
 
 def test_auto_precision_is_printed_recorded_and_kept_on_resume(tmp_path, folder):
     lines = []
-    cfg = tiny_cfg(tmp_path, folder, **{"train.checkpoint_every": 2})
+    cfg = tiny_cfg(tmp_path, folder, **{"checkpoint.full_every": 2})
     api.train(cfg, lambda *a, **k: lines.append(" ".join(map(str, a))))
     assert any("precision fp32 (train.precision=auto)" in line for line in lines), lines
     path = tmp_path / "run" / "checkpoints" / "step-000000002.pt"

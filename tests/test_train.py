@@ -29,7 +29,7 @@ def tiny_cfg(tmp_path, **overrides):
 def whole_and_split(tmp_path, common: dict) -> None:
     """Runs 'whole' for 6 steps at once and 'split' for 3, then again to 6 (a restart from the checkpoint)."""
     quiet = lambda *a, **k: None  # noqa: E731
-    common = {"train.checkpoint_every": 3, **common}
+    common = {"checkpoint.full_every": 3, **common}
     train(tiny_cfg(tmp_path, **common, **{"train.steps": 6, "run.name": "whole"}), quiet)
     train(tiny_cfg(tmp_path, **common, **{"train.steps": 3, "run.name": "split"}), quiet)
     train(tiny_cfg(tmp_path, **common, **{"train.steps": 6, "run.name": "split"}), quiet)
@@ -65,7 +65,7 @@ def test_steps_lower_the_loss_on_a_fixed_batch():
 
 @pytest.mark.timeout(180)
 def test_run_writes_metrics_samples_weights(tmp_path):
-    cfg = tiny_cfg(tmp_path, **{"train.steps": 6, "train.sample_every": 3, "train.checkpoint_every": 3})
+    cfg = tiny_cfg(tmp_path, **{"train.steps": 6, "train.sample_every": 3, "checkpoint.full_every": 3})
     last = train(cfg, print_fn=lambda *a, **k: None)
     run = tmp_path / "demo"
     rows = metrics.read_jsonl(run / "metrics.jsonl")
@@ -99,7 +99,7 @@ def test_resume_is_bit_exact(tmp_path):
 def test_kill_9_then_rerun_matches_uninterrupted_run(tmp_path):
     """A real SIGKILL mid-run; the same command again resumes and ends bit-identical."""
     args = ["train", "--config", "demo", *[f"--{k}={v}" for k, v in TINY.items()], "--train.steps=30",
-            "--train.checkpoint_every=4", f"--run.root={tmp_path}"]
+            "--checkpoint.full_every=4", f"--run.root={tmp_path}"]
     assert run_cli(*args, "--run.name=whole").returncode == 0
     env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "genfoundry", *args, "--run.name=killed"], env=env,

@@ -30,7 +30,7 @@ def train_run(method: str, nproc: int, recipe: str, overrides: list[str], root: 
 def _train(method: str, nproc: int, recipe: str, overrides: list[str], root: Path) -> None:
     args = torchrun_command(nproc, "genfoundry", [
         "train", "--config", recipe, f"--run.root={root}", f"--run.name={method}", f"--parallel.comm_hook={method}",
-        "--train.sample_every=0", "--train.checkpoint_every=0", *overrides])
+        "--train.sample_every=0", "--checkpoint.full_every=0", *overrides])
     result = subprocess.run(args, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"the {method} run failed:\n{result.stderr[-3000:]}")

@@ -151,7 +151,7 @@ class Trainer(TrainerState):
                 last = self.report(validate=done or self.step % tc.val_every == 0)
             if fresh and tc.sample_every and self.step % tc.sample_every == 0 and self.step > 0:
                 self.sample_grid(f"grid-{self.step:07d}.png")
-            if tc.checkpoint_every and self.step > start_step and (done or self.step % tc.checkpoint_every == 0):
+            if self.cfg.checkpoint.full_every and self.step > start_step and (done or self.step % self.cfg.checkpoint.full_every == 0):
                 self.save_checkpoint()
             if done:
                 break
@@ -166,7 +166,7 @@ class Trainer(TrainerState):
             checkpoint.save_rank_state(comm, self.run_dir / "checkpoints", self.step, self.rank)
             self.barrier()
         if self.rank == 0:
-            checkpoint.save(state, self.run_dir / "checkpoints", self.step, self.cfg.train.keep_checkpoints)
+            checkpoint.save(state, self.run_dir / "checkpoints", self.step, self.cfg.checkpoint.keep)
         self.barrier()
 
     def noise_keys(self, micro: int) -> torch.Tensor:
