@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p, "mnist")
     p.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="start N processes on this machine through torchrun (default: 1, or as torchrun set)")
+    p.add_argument("--max-restarts", type=int, default=0, metavar="K",
+                   help="through torchrun, restart all processes when one fails, up to K times; each restart "
+                        "resumes from the last checkpoint (default: 0)")
 
     p = sub.add_parser("pack", help="pack images into indexed, checksummed WebDataset-layout tar shards",
                        description="Packs SRC (an image folder, a .csv/.parquet list with a 'path' column, or "
@@ -115,6 +118,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", choices=["auto", "ema", "model"], default="auto",
                    help="EMA or raw weights; auto chooses as sample does (default: auto)")
     p.add_argument("--device", default="auto", help="device, e.g. cpu or cuda:0 (default: auto)")
+    p = sub.add_parser("chaos", help="kill ranks of a small multi-process run with kill -9 and check that the "
+                                     "restarted run ends bit-exact",
+                       description="Runs N trials of a small run of RECIPE on R ranks (CPU, gloo) under torchrun. "
+                                   "Each trial kills ranks with SIGKILL, once in the middle of a checkpoint write "
+                                   "and then at random steps, lets torchrun restart them, and compares the final "
+                                   "weights with the same run without faults. The last line printed is "
+                                   "'bit-exact K/N'; the exit status is 0 when every trial is.",
+                       epilog="Further --section.key=value arguments override the small run's config (after "
+                              "genfoundry chaos's own settings).")
+    p.add_argument("--config", default="demo", metavar="RECIPE", help="recipe (default: demo)")
+    p.add_argument("--trials", type=int, default=3, metavar="N", help="default: 3")
+    p.add_argument("--ranks", type=int, default=2, metavar="R", help="processes per run (default: 2)")
+    p.add_argument("--steps", type=int, default=12, metavar="S", help="training steps per run (default: 12)")
+    p.add_argument("--faults", type=int, default=2, metavar="F",
+                   help="kills per trial, the first one inside a checkpoint write (default: 2)")
+    p.add_argument("--seed", type=int, default=0, help="trial i draws its faults from seed + i (default: 0)")
+    p.add_argument("--max-restarts", type=int, metavar="K", help="torchrun's restarts per trial (default: F + 1)")
+    p.add_argument("--trial-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="a run still going after this long is killed and counted as not completed (default: 600)")
+    p.add_argument("--workdir", help="where the runs and their logs go, kept (default: a new temporary "
+                                     "directory, removed afterwards)")
+    p.add_argument("--out", help="write the results as JSON here")
+
     p = sub.add_parser("bench", help="benchmarks that print figures and write JSON")
     bench = p.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
     b = bench.add_parser("train", help="training images/s and MFU of DiT presets on random latents, against a "
@@ -174,12 +200,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def launch_torchrun(nproc: int, argv: list[str]) -> int:
+def launch_torchrun(nproc: int, argv: list[str], max_restarts: int = 0) -> int:
     """Re-runs this command under torchrun with `nproc` processes on this machine."""
-    from genfoundry.distributed.launch import torchrun_command
+    from genfoundry.distributed.launch import RESTART_ENV, torchrun_command
 
-    args = [a for i, a in enumerate(argv) if not (a.startswith("--nproc") or (i and argv[i - 1] == "--nproc"))]
-    os.execv(sys.executable, torchrun_command(nproc, "genfoundry", args))
+    ours = ("--nproc", "--max-restarts")
+    args = [a for i, a in enumerate(argv) if not (a.startswith(ours) or (i and argv[i - 1] in ours))]
+    if max_restarts > 0:
+        for key, value in RESTART_ENV.items():
+            os.environ.setdefault(key, value)
+    os.execv(sys.executable, torchrun_command(nproc, "genfoundry", args, max_restarts))
     return 0  # not reached
 
 
@@ -187,8 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     args, rest = parser.parse_known_args(argv)
-    if args.command == "train" and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        return launch_torchrun(args.nproc, argv)
+    if args.command == "train" and args.max_restarts < 0:
+        parser.error(f"--max-restarts must be 0 or more, got {args.max_restarts}")
+    if args.command == "train" and (args.nproc > 1 or args.max_restarts > 0) and "WORLD_SIZE" not in os.environ:
+        return launch_torchrun(args.nproc, argv, args.max_restarts)
     from genfoundry import api  # after parsing, so that --help stays fast
 
     try:
@@ -211,6 +243,12 @@ def main(argv: list[str] | None = None) -> int:
             config_lib.parse_overrides(rest)  # one clear error for a malformed override
             run_compression(args.nproc, args.config, rest, args.out, args.method or METHODS, args.workdir)
             return 0
+        if args.command == "chaos":
+            from genfoundry import chaos
+
+            result = chaos.run(args.config, args.trials, args.ranks, args.steps, args.faults, args.seed,
+                               args.max_restarts, args.workdir, args.out, rest, args.trial_timeout)
+            return 0 if result["bit_exact"] == result["trials"] else 1
         if args.command == "bench" and args.bench == "comm":
             from genfoundry.distributed.launch import torchrun_command
 

@@ -6,6 +6,7 @@ Every run here is the real trainer on a folder of 16 px images, a few steps of D
 import dataclasses
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -69,7 +70,7 @@ def test_a_resume_is_marked_and_the_reader_keeps_the_rows_of_the_run_that_went_o
     api.train(cfg, QUIET)
     run = tmp_path / "run"
     # As if killed after logging step 4 but before its checkpoint: the rerun goes on from step 2.
-    (run / "checkpoints" / "step-000000004.pt").unlink()
+    shutil.rmtree(run / "checkpoints" / "full-000000004")
     api.train(cfg, QUIET)
     written = metrics.read_jsonl(run / "metrics.jsonl", all_rows=True)
     assert [r.get("event", r["step"]) for r in written] == [0, 1, 2, 3, 4, "resume", 3, 4]
@@ -182,16 +183,18 @@ def test_auto_precision_is_printed_recorded_and_kept_on_resume(tmp_path, folder)
     cfg = tiny_cfg(tmp_path, folder, **{"checkpoint.full_every": 2})
     api.train(cfg, lambda *a, **k: lines.append(" ".join(map(str, a))))
     assert any("precision fp32 (train.precision=auto)" in line for line in lines), lines
-    path = tmp_path / "run" / "checkpoints" / "step-000000002.pt"
-    state = checkpoint.load(path)
+    directory = tmp_path / "run" / "checkpoints"
+    state = checkpoint.read_state(directory / "full-000000002" / "state.pt")
     assert state["precision"] == "fp32"
     # As if the run had started on a GPU that resolved auto to bf16, and goes on here.
     state["precision"] = "bf16"
-    checkpoint.save(state, path.parent, 2)
+    manager = checkpoint.CheckpointManager(directory, torch.device("cpu"))
+    manager.save("full", 2, {k: v for k, v in state.items() if k != "format_version"})
+    manager.close()
     lines.clear()
     api.train(config.apply_overrides(cfg, {"train.steps": 3}), lambda *a, **k: lines.append(" ".join(map(str, a))))
     assert any("precision bf16" in line for line in lines), lines
-    assert checkpoint.load(path.parent / "step-000000003.pt")["precision"] == "bf16"
+    assert checkpoint.read_state(directory / "full-000000003" / "state.pt")["precision"] == "bf16"
 
 
 # ---- 5. load_trained from Python, as docs/training.md shows it ----------------------------------

@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 
+TEMPORARY = ".tmp"  # in the name of every file or directory that is still being written
+
+
 def temporary_name(path: Path) -> Path:
     """Where `path` is written before its rename: hidden, and unique to this process."""
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+    return path.with_name(f".{path.name}{TEMPORARY}{os.getpid()}")
 
 
 @contextlib.contextmanager
@@ -52,3 +56,38 @@ def fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def partial_directory(path: str | Path) -> Path:
+    """Where the directory `path` is assembled before `commit_directory` renames it into place."""
+    path = Path(path)
+    return path.with_name(f".{path.name}{TEMPORARY}")
+
+
+def commit_directory(partial: Path, path: Path) -> None:
+    """Makes a directory whose files are written and synced appear at `path` in one rename; a directory
+    already there (the same step saved again) is moved aside first and removed after."""
+    fsync_dir(partial)
+    old = None
+    if path.exists():
+        old = path.with_name(f".{path.name}.old{TEMPORARY}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(partial, path)
+    fsync_dir(path.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_leftovers(directory: str | Path) -> list[str]:
+    """Removes what interrupted writes left in `directory` (temporary files and partial directories);
+    returns their names. Only for a directory no process is writing into."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = []
+    for entry in directory.iterdir():
+        if entry.name.startswith(".") and TEMPORARY in entry.name:
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+            removed.append(entry.name)
+    return sorted(removed)

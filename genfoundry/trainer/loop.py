@@ -18,6 +18,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from genfoundry import accel, checkpoint, seeding
 from genfoundry import metrics
+from genfoundry.checkpoint.manager import CheckpointManager
 from genfoundry.config import Config
 from genfoundry.errors import GenfoundryError
 from genfoundry.sources import SourceError
@@ -25,8 +26,10 @@ from genfoundry.data.build import training_data
 from genfoundry.data.order import chunk_index
 from genfoundry.diffusion import FlowMatching, generate, grid, save_png
 from genfoundry.distributed import parallel
+from genfoundry.distributed.state import HookState, ParallelState
 from genfoundry.models import build_model
 from genfoundry.trainer.precision import DynamicLossScaler
+from genfoundry.trainer.preemption import Preemption
 from genfoundry.trainer.state import TrainerState
 
 FORMAT_VERSION = 1
@@ -75,7 +78,6 @@ class Trainer(TrainerState):
                                       cfg.diffusion.logit_mean, cfg.diffusion.logit_std, cfg.model.class_dropout)
         self.precision = accel.resolve_precision(tc.precision, self.device)  # a resume takes the checkpoint's
         self.model = parallel.parallelize(model, cfg.parallel, self.device)
-        self.sharded = parallel.is_sharded(self.model)
         self.micro_batch = self.plan_micro_batch()
         self.accumulation = parallel.split_global_batch(tc.global_batch_size, self.world, self.micro_batch)
         self.loader = self.data.make_loader(self.rank, self.world, self.accumulation)
@@ -84,15 +86,19 @@ class Trainer(TrainerState):
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2),
                                            weight_decay=tc.weight_decay)
         self.scaler = DynamicLossScaler(tc.loss_scale_init, tc.loss_scale_growth_interval) if self.precision == "fp16" else None
-        self.overflow_streak = 0
-        # Under FSDP2 the EMA is kept as shards beside the parameters and gathered into self.ema on use.
-        self.ema_shards = [p.detach().clone() for p in self.model.parameters()] if self.sharded else None
+        self.overflow_streak = self.nonfinite_streak = 0
+        self.parallel = ParallelState(self.model, self.optimizer, self.ema)
+        self.hook = HookState(getattr(self.model, "comm_state", None), cfg.parallel.comm_hook, self.world, self.print)
+        ck = cfg.checkpoint
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", self.device, keep=ck.keep,
+                                             keep_snapshots=ck.keep_snapshots, remote=ck.remote,
+                                             keep_remote=ck.keep_remote, retries=ck.upload_retries,
+                                             asynchronous=ck.asynchronous)
+        self.preemption = Preemption(ck.grace_s)
         self.step, self.images_seen = 0, 0
         self.flops_per_image = 3 * model.flops_per_forward()
         peak = accel.peak_flops(self.device, self.precision)
         self.peak_flops = peak * self.world if peak else None
-        self.comm_state = getattr(self.model, "comm_state", None)
-        self._comm_bytes = self._dense_bytes = 0
         self._make_validation_batch()
 
     @property
@@ -133,7 +139,13 @@ class Trainer(TrainerState):
     # ---- the loop ------------------------------------------------------------------------------
 
     def train(self) -> dict:
-        tc = self.cfg.train
+        """Runs to `train.steps` and writes the final weights; returns the last report. After SIGTERM it
+        saves a full checkpoint and returns early with {"preempted": step}."""
+        with self.preemption.watching():
+            return self._train()
+
+    def _train(self) -> dict:
+        tc, ck = self.cfg.train, self.cfg.checkpoint
         self.prepare_run_dir()
         self.describe()
         self.jsonl = metrics.JsonlSink(self.run_dir / "metrics.jsonl") if self.rank == 0 else None
@@ -146,28 +158,37 @@ class Trainer(TrainerState):
         last = {}
         while True:
             done = self.step >= tc.steps
+            stop = not done and self.preemption.agreed()
             fresh = self.step != start_step or start_step == 0  # events at the resume point already ran
             if fresh and (done or self.step % tc.log_every == 0 or self.step % tc.val_every == 0):
                 last = self.report(validate=done or self.step % tc.val_every == 0)
             if fresh and tc.sample_every and self.step % tc.sample_every == 0 and self.step > 0:
                 self.sample_grid(f"grid-{self.step:07d}.png")
-            if self.cfg.checkpoint.full_every and self.step > start_step and (done or self.step % self.cfg.checkpoint.full_every == 0):
-                self.save_checkpoint()
+            if self.step > start_step and (stop or (ck.full_every and (done or self.step % ck.full_every == 0))):
+                self.save_checkpoint("full")
+            if ck.snapshot_every and self.step > start_step and self.step % ck.snapshot_every == 0:
+                self.save_checkpoint("snapshot")
+            if stop:
+                return self.finish_preempted()
             if done:
                 break
             self.train_step()
         self.save_final(last)
+        self.finish_checkpoints()
         return last
 
-    def save_checkpoint(self) -> None:
-        state = self.state_dict()  # every rank: under FSDP2 this gathers
-        if hasattr(self.comm_state, "state_dict"):  # per-rank: e.g. top-k residuals
-            comm = {"world_size": self.world, **self.comm_state.state_dict()}
-            checkpoint.save_rank_state(comm, self.run_dir / "checkpoints", self.step, self.rank)
-            self.barrier()
-        if self.rank == 0:
-            checkpoint.save(state, self.run_dir / "checkpoints", self.step, self.cfg.checkpoint.keep)
+    def finish_checkpoints(self) -> None:
+        """Waits until every checkpoint is durable (and uploaded); says what failed."""
+        failures = self.checkpoints.wait()
+        if failures:
+            self.print(f"{len(failures)} checkpoint write(s) or upload(s) failed during the run (see the warnings)")
+
+    def finish_preempted(self) -> dict:
+        self.finish_checkpoints()
+        self.print(f"SIGTERM: saved the full state of step {self.step} within "
+                   f"{time.monotonic() - self.preemption.since:.1f} s; run the same command to resume")
         self.barrier()
+        return {"preempted": self.step}
 
     def noise_keys(self, micro: int) -> torch.Tensor:
         """Seeds of the samples of one micro-batch: (run seed, step, position in the global batch)."""
@@ -182,8 +203,7 @@ class Trainer(TrainerState):
         tc = self.cfg.train
         self.optimizer.zero_grad(set_to_none=True)
         scale = self.scaler.scale if self.scaler else 1.0
-        if self.comm_state is not None:  # the hook sees gradients times `scale`; a skipped step is undone
-            self.comm_state.begin_step(scale, may_skip=self.scaler is not None)
+        self.hook.begin_step(scale, may_skip=True)  # any step may be skipped: overflow, NaN or inf
         for micro in range(self.accumulation):
             x, y = self.loader.next_batch()
             y = torch.where(y < 0, self.data.num_classes, y)  # unlabelled (-1): the null class
@@ -195,16 +215,22 @@ class Trainer(TrainerState):
             metrics.report("loss", loss.detach())
         params = list(self.model.parameters())
         finite = self.unscale_and_check(params) if self.scaler else True
-        if self.comm_state is not None:
-            self.comm_state.finish_step(applied=finite)
         if finite:
             clip = tc.grad_clip if tc.grad_clip > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            # The same on every rank: the norm is of the reduced gradients.
+            finite = self.scaler is not None or bool(torch.isfinite(grad_norm))
+        self.hook.finish_step(applied=finite)
+        self.checkpoints.before_update()  # a checkpoint's copy of the weights is complete
+        if finite:
             for group in self.optimizer.param_groups:
                 group["lr"] = self.learning_rate(self.step)
             self.optimizer.step()
             self.update_ema()
-            metrics.report("grad_norm", grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+            metrics.report("grad_norm", grad_norm)
+        elif not self.scaler:
+            self.skip_nonfinite_step()
         if self.scaler:
             self.scaler.update(finite)
             metrics.report("loss_scale", self.scaler.scale)
@@ -212,14 +238,8 @@ class Trainer(TrainerState):
             self.overflow_streak = 0 if finite else self.overflow_streak + 1
             if self.overflow_streak >= tc.fp16_max_overflows:
                 self.fall_back_to_fp32()
-        if self.comm_state is not None:
-            sent = self.comm_state.bytes_sent
-            metrics.report("comm/bytes_per_step", sent - self._comm_bytes)
-            self._comm_bytes = sent
-            dense = getattr(self.comm_state, "dense_bytes", None)
-            if dense is not None:  # what a plain all-reduce would have sent this step
-                metrics.report("comm/dense_bytes_per_step", dense - self._dense_bytes)
-                self._dense_bytes = dense
+        metrics.report("nonfinite_steps", 0.0 if finite or self.scaler else 1.0)
+        self.nonfinite_streak = 0 if finite else self.nonfinite_streak + 1
         self.step += 1
         self.images_seen += tc.global_batch_size
 
@@ -230,6 +250,23 @@ class Trainer(TrainerState):
         if self.distributed:
             finite = bool(accel.all_reduce(torch.tensor([1.0 if finite else 0.0]), "min").item())
         return finite
+
+    def skip_nonfinite_step(self) -> None:
+        """A non-finite loss or gradient (fp32, bf16): the step is skipped; after
+        `checkpoint.nonfinite_rollback` in a row, the weights go back to the last full checkpoint."""
+        limit = self.cfg.checkpoint.nonfinite_rollback
+        if not limit or self.nonfinite_streak + 1 < limit:
+            return
+        self.print(f"step {self.step}: {limit} steps in a row had a non-finite loss or gradient")
+        back = self.roll_back()
+        self.nonfinite_streak = -1  # counted back to 0 below
+        if back is False:
+            self.print("no full checkpoint to roll back to yet: the weights stay, the run goes on")
+            return
+        self.print(f"rolled the weights, optimizer and EMA back to step {back}; the run goes on with the next data")
+        metrics.report("rollbacks", 1.0)
+        if self.jsonl:
+            self.jsonl.event("rollback", self.step, {"to_step": back})
 
     def fall_back_to_fp32(self) -> None:
         """After too many overflowing fp16 steps in a row, train on in fp32 (recorded in checkpoints)."""
@@ -248,23 +285,9 @@ class Trainer(TrainerState):
         halflife = tc.ema_halflife_kimg * 1000
         return min(halflife, self.images_seen * tc.ema_rampup) if tc.ema_rampup > 0 else halflife
 
-    @torch.no_grad()
     def update_ema(self) -> None:
         """EMA with a half-life in images (EDM2 style), ramped up early in training."""
-        beta = 0.5 ** (self.cfg.train.global_batch_size / max(self.ema_halflife(), 1e-8))
-        if self.sharded:
-            shards = [s.to_local() for s in self.ema_shards]
-            torch._foreach_lerp_(shards, [p.detach().to_local() for p in self.model.parameters()], 1.0 - beta)
-        else:
-            torch._foreach_lerp_(list(self.ema.parameters()), [p.detach() for p in self.net.parameters()], 1.0 - beta)
-
-    def ema_state(self) -> dict:
-        """Full EMA weights; under FSDP2 every rank must call it (it gathers the shards into self.ema)."""
-        if self.sharded:
-            with torch.no_grad():
-                for full, shard in zip(self.ema.parameters(), self.ema_shards):
-                    full.copy_(shard.full_tensor())
-        return self.ema.state_dict()
+        self.parallel.update_ema(0.5 ** (self.cfg.train.global_batch_size / max(self.ema_halflife(), 1e-8)))
 
     # ---- events --------------------------------------------------------------------------------
 
@@ -279,7 +302,7 @@ class Trainer(TrainerState):
     def validate(self) -> dict:
         """Every rank computes the same numbers (FSDP2's forward needs them all)."""
         x, y, t, eps = self.val_batch
-        self.ema_state()
+        self.parallel.gather_ema()
         out = {}
         for key, net in (("val_loss", self.model), ("val_loss_ema", self.ema)):
             was_training = net.training
@@ -318,7 +341,7 @@ class Trainer(TrainerState):
 
     def sample_grid(self, name: str) -> Path | None:
         """Rank 0 samples from the EMA; the others only help gather it under FSDP2."""
-        self.ema_state()
+        self.parallel.gather_ema()
         if self.rank != 0:
             return None
         sc, k = self.cfg.sample, self.data.num_classes
@@ -334,7 +357,7 @@ class Trainer(TrainerState):
         compares (the last report's, unless the run resumed at its end and reported nothing)."""
         losses = {k: last[k] for k in ("val_loss", "val_loss_ema")} if "val_loss" in last else self.validate()
         losses = {k: v if v is not None and math.isfinite(v) else None for k, v in losses.items()}
-        ema, model = self.ema_state(), self.model_state()
+        ema, model = self.parallel.gather_ema().state_dict(), self.parallel.model_state()
         path = self.sample_grid("final.png")
         if self.rank != 0:
             self.barrier()
@@ -344,9 +367,7 @@ class Trainer(TrainerState):
         for name, state in (("ema", ema), ("model", model)):
             checkpoint.write_atomic(final / f"{name}.safetensors",
                                     safetensors_bytes({k: v.contiguous() for k, v in state.items()}))
-        meta = {"format_version": FORMAT_VERSION, "preset": self.cfg.model.preset,
-                "arch": self.net.arch.to_dict(), "class_names": self.data.class_names,
-                "source": self.data.name, "step": self.step, "images_seen": self.images_seen, **losses}
+        meta = {**self.model_meta(), **losses}
         checkpoint.write_atomic(final / "model.json", json.dumps(meta, indent=2).encode())  # last: marks it whole
         self.print(f"final weights in {final}, samples in {path}")
         ema_loss, raw_loss = losses["val_loss_ema"], losses["val_loss"]
@@ -357,6 +378,12 @@ class Trainer(TrainerState):
                        f"train.ema_halflife_kimg suits a run this short); sampling takes the better by default "
                        f"(--weights auto), and --weights model chooses the raw weights")
         self.barrier()
+
+    def model_meta(self) -> dict:
+        """What sampling needs beside weights: final/model.json and every snapshot's model.json."""
+        return {"format_version": FORMAT_VERSION, "preset": self.cfg.model.preset, "arch": self.net.arch.to_dict(),
+                "class_names": self.data.class_names, "source": self.data.name, "step": self.step,
+                "images_seen": self.images_seen}
 
     def describe(self) -> None:
         m, ds, tc = self.net, self.data, self.cfg.train

@@ -1,6 +1,7 @@
-"""The trainer's state and resume: the whole state as one bundle, the rank-0-chosen checkpoint every rank
-loads, and the run directory's check. `Trainer` takes these methods from `TrainerState`; they use the
-attributes `Trainer.__init__` sets (model, optimizer, EMA, scaler, loader, communication-hook state)."""
+"""The trainer's state and resume: what a checkpoint holds, saving it through the tiers, the
+rank-0-chosen checkpoint every rank loads, rolling back, and the run directory's check. `Trainer`
+takes these methods from `TrainerState`; they use the attributes `Trainer.__init__` sets (`parallel`,
+`hook`, `checkpoints`, scaler, loader)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 
 from genfoundry import accel, checkpoint
 from genfoundry import config as config_lib
+from genfoundry.checkpoint.manager import STATE, rank_file
 from genfoundry.config import ConfigError
 from genfoundry.distributed import parallel
 from genfoundry.errors import GenfoundryError
@@ -16,40 +18,28 @@ from genfoundry.errors import GenfoundryError
 class TrainerState:
     """Save, load and resume for `Trainer` (a split of one class along the state / loop seam)."""
 
-    def model_state(self) -> dict:
-        """Full (unsharded) model weights; under FSDP2 every rank must call it (it gathers)."""
-        if not self.sharded:
-            return self.net.state_dict()
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    @property
+    def dcp(self) -> bool:
+        """True when full checkpoints hold FSDP2 shards through torch.distributed.checkpoint."""
+        return self.parallel.sharded and self.cfg.checkpoint.sharded == "auto"
 
-        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-    def optimizer_state(self) -> dict:
-        if not self.sharded:
-            return self.optimizer.state_dict()
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        return get_optimizer_state_dict(self.model, self.optimizer,
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-    def state_dict(self) -> dict:
-        """The whole training state, with full weights: it resumes on any number of ranks."""
-        return {
+    def state_dict(self, weights: bool = True) -> dict:
+        """The shared training state; with `weights`, the whole weights too (they resume on any number
+        of ranks; under FSDP2 every rank must call it, as it gathers)."""
+        state = {
             "step": self.step,
             "images_seen": self.images_seen,
-            "model": self.model_state(),
-            "ema": self.ema_state(),
-            "optimizer": self.optimizer_state(),
             "precision": self.precision,
             "scaler": self.scaler.state_dict() if self.scaler else {},
             "overflow_streak": self.overflow_streak,
             "data": self.loader.state_dict(),
             "rng": accel.rng_states(self.device),
             "config_hash": config_lib.config_hash(self.cfg),
-            # which per-rank files sit beside the bundle: the hook that wrote them, on how many ranks
-            "rank_states": {"comm_hook": self.cfg.parallel.comm_hook, "world_size": self.world}
-            if hasattr(self.comm_state, "state_dict") else {},
+            "sharded": not weights,
+            # which per-rank files sit beside the state: the hook that wrote them, on how many ranks
+            "rank_states": self.hook.written(),
         }
+        return {**state, **self.parallel.full_state_dict()} if weights else state
 
     def load_state_dict(self, state: dict) -> None:
         if state["config_hash"] != config_lib.config_hash(self.cfg):
@@ -57,20 +47,8 @@ class TrainerState:
                               f"(another run, or an earlier genfoundry whose config had other keys); choose "
                               f"another --run.name to start a new run")
         self.step, self.images_seen = state["step"], state["images_seen"]
-        if self.sharded:
-            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                                 set_optimizer_state_dict)
-
-            options = StateDictOptions(full_state_dict=True)
-            set_model_state_dict(self.model, state["model"], options=options)
-            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=options)
-            self.ema.load_state_dict(state["ema"])
-            for shard, full in zip(self.ema_shards, self.ema.parameters()):
-                shard.to_local().copy_(parallel.shard_of(shard, full))
-        else:
-            self.net.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.ema.load_state_dict(state["ema"])
+        if not state["sharded"]:
+            self.parallel.load_full_state_dict(state)
         self.precision = state["precision"]
         self.scaler = None if self.precision != "fp16" else self.scaler
         if self.scaler:
@@ -79,58 +57,50 @@ class TrainerState:
         self.loader.load_state_dict(state["data"])
         accel.set_rng_states(self.device, state["rng"])
 
-    def load_comm_state(self, saved: dict | None, written: dict | None) -> None:
-        """This rank's communication-hook state of the resumed step. On another number of ranks the
-        per-rank part has no owner: only what survives that carries over (`resume_schedule`)."""
-        if not hasattr(self.comm_state, "load_state_dict"):
-            return
-        if saved is None:
-            before = (f"it was written with comm_hook={written.get('comm_hook', 'none')}" if written is not None
-                      else "an older checkpoint records no hook state")
-            self.print(f"the checkpoint holds no state of parallel.comm_hook={self.cfg.parallel.comm_hook} "
-                       f"({before}); the hook starts afresh")
-            return
-        written = written or {}
-        if written["world_size"] != self.world:
-            note = self.comm_state.resume_schedule(saved)
-            self.print(f"the checkpoint was written on {written['world_size']} ranks, this run has {self.world}: {note}")
-        else:
-            self.comm_state.load_state_dict({k: v for k, v in saved.items() if k != "format_version"})
-        self._comm_bytes = self.comm_state.bytes_sent
-        self._dense_bytes = getattr(self.comm_state, "dense_bytes", 0)
+    def save_checkpoint(self, kind: str = "full") -> float:
+        """Hands one checkpoint to the tiers; every rank calls it. Returns the seconds training paused."""
+        if kind == "snapshot":
+            ema = self.parallel.gather_ema().state_dict()
+            return self.checkpoints.save("snapshot", self.step, ema if self.rank == 0 else None, **self.model_meta())
+        shared = self.state_dict(weights=not self.dcp)  # every rank: under FSDP2 full weights are gathered
+        return self.checkpoints.save("full", self.step, shared if self.rank == 0 else None,
+                                     self.hook.state_dict() if self.hook.per_rank else None,
+                                     self.parallel.sharded_state_dict() if self.dcp else None,
+                                     images_seen=self.images_seen, precision=self.precision)
 
-    def load_agreed_checkpoint(self) -> tuple[dict, dict | None] | None:
-        """Rank 0 picks the newest checkpoint that loads and every rank loads that one step, with its
-        own per-rank file where the hook needs one; all ranks resume, or all stop with the reason.
+    def load_agreed_checkpoint(self) -> bool:
+        """Rank 0 picks the newest full checkpoint that verifies and every rank loads that one step,
+        with its own per-rank file where the hook needs one; all ranks resume, or all stop with the
+        reason. False when there is none.
 
         Ranks that chose for themselves could resume at different steps (a node-local run directory,
         a network filesystem that lags)."""
-        directory = self.run_dir / "checkpoints"
+        directory = self.checkpoints.local.root
         newest = error = None
         if self.rank == 0:
             try:
-                newest = checkpoint.load_latest(directory)
+                newest = self.checkpoints.newest()
             except OSError as e:
                 error = checkpoint.CheckpointError(f"cannot list the checkpoints in '{directory}': {e.strerror or e}")
-        step = accel.broadcast_int(-2 if error else newest["step"] if newest is not None else -1)
+        step = accel.broadcast_int(-2 if error else newest if newest is not None else -1)
         if step == -2:
             parallel.raise_together(error, lambda n: checkpoint.CheckpointError(
                 "rank 0 cannot list the checkpoints to resume from (its message says why)"))
         if step == -1:
-            return None
+            return False
         state = saved = None
         try:
-            state = newest if self.rank == 0 else checkpoint.load(checkpoint.checkpoint_path(directory, step))
-            if state["step"] != step:
-                raise checkpoint.CheckpointError(f"{checkpoint.checkpoint_path(directory, step)} holds step "
-                                                 f"{state['step']}, not {step}")
-            written = state.get("rank_states") or {}
-            if hasattr(self.comm_state, "load_state_dict") and written.get("comm_hook") == self.cfg.parallel.comm_hook:
-                owner = self.rank if written["world_size"] == self.world else 0
-                saved = checkpoint.load_rank_state(directory, step, owner)
+            state = self.checkpoints.read(step)
+            if state is None or state["step"] != step:
+                raise checkpoint.CheckpointError(f"{self.checkpoints.path('full', step) / STATE} is missing or holds "
+                                                 f"step {None if state is None else state['step']}, not {step}")
+            written = state["rank_states"]
+            owner = self.hook.owner(written, self.rank)
+            if owner is not None:
+                saved = self.checkpoints.read(step, rank_file(owner))
                 if saved is None:
                     raise checkpoint.CheckpointError(
-                        f"{checkpoint.rank_state_path(directory, step, owner)} is missing: step {step} was saved "
+                        f"{self.checkpoints.path('full', step) / rank_file(owner)} is missing: step {step} was saved "
                         f"with per-rank {written['comm_hook']} state on {written['world_size']} ranks, and rank "
                         f"{self.rank} needs that file")
         except checkpoint.CheckpointError as e:
@@ -138,7 +108,30 @@ class TrainerState:
                                                f"chose: {e}. Every rank must see the same run directory")
         parallel.raise_together(error, lambda n: checkpoint.CheckpointError(
             f"{n} rank(s) cannot resume from step {step}, which rank 0 chose (their messages say why)"))
-        return state, saved
+        self.load_state_dict(state)
+        if state["sharded"]:  # every rank, together: torch.distributed.checkpoint reshards to this world size
+            shards = self.parallel.sharded_state_dict()
+            self.checkpoints.load_sharded(step, shards)
+            self.parallel.load_sharded_state_dict(shards)
+        self.hook.load_state_dict(saved, state["rank_states"])
+        low = accel.all_reduce(torch.tensor([self.step]), "min").item()
+        high = accel.all_reduce(torch.tensor([self.step]), "max").item()
+        if low != high:  # a programming error, not a user's: keep the traceback
+            raise RuntimeError(f"ranks resumed at different steps ({low} .. {high})")
+        return True
+
+    def roll_back(self) -> bool:
+        """Weights, optimizer, EMA and scaler back to the newest full checkpoint, keeping the step count,
+        the data position and the random state, so the run goes on with the next data. False: none."""
+        self.checkpoints.wait()
+        step, images, data, rng = self.step, self.images_seen, self.loader.state_dict(), accel.rng_states(self.device)
+        if not self.load_agreed_checkpoint():
+            return False
+        back = self.step
+        self.step, self.images_seen = step, images
+        self.loader.load_state_dict(data)
+        accel.set_rng_states(self.device, rng)
+        return back
 
     def prepare_run_dir(self) -> None:
         """Creates the run directory, or checks that it belongs to this config and resumes from it.
@@ -163,15 +156,12 @@ class TrainerState:
             try:
                 (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
                 checkpoint.write_atomic(saved, config_lib.dumps(self.cfg).encode())
+                self.checkpoints.clean()
             except OSError as e:
                 error = ConfigError(f"cannot write the run directory '{self.run_dir}': {e.strerror or e}")
         parallel.raise_together(error, lambda n: ConfigError(
             f"rank 0 cannot write the run directory '{self.run_dir}' (its message says why)"))
-        agreed = self.load_agreed_checkpoint()
-        if agreed is not None:
-            state, saved = agreed
-            self.load_state_dict(state)
-            self.load_comm_state(saved, state.get("rank_states"))
+        if self.load_agreed_checkpoint():
             self.print(f"resumed from step {self.step} ({self.images_seen} images seen)")
 
     def barrier(self) -> None:
