@@ -35,7 +35,7 @@ def test_a_save_copies_the_state_then_writes_it_with_a_manifest(tmp_path):
     assert m.wait() == []
     path = tmp_path / "full-000000001"
     manifest = checkpoint.verify(path)
-    assert manifest["step"] == 1 and manifest["kind"] == "full" and manifest["images_seen"] == 8
+    assert manifest["step"] == 1 and manifest["kind"] == "full" and manifest["meta"]["images_seen"] == 8
     assert set(manifest["files"]) == {"state.pt"} and len(manifest["files"]["state.pt"]["sha256"]) == 64
     saved = checkpoint.read_state(path / "state.pt")
     assert torch.equal(saved["w"], torch.full((64, 64), 1.0)) and saved["nested"]["m"][1] == "x"

@@ -48,6 +48,10 @@ SCENARIOS = {
                           "train.precision": "bf16"},
     "fsdp-bf16": {"parallel.strategy": "fsdp", "train.precision": "bf16"},
     "ddp-auto-micro": {"parallel.strategy": "ddp", "train.micro_batch_size": 0},
+    # full states gathered from FSDP2, EMA snapshots every step, uploads to a remote directory
+    "fsdp-full-remote": {"parallel.strategy": "fsdp", "checkpoint.sharded": "full", "checkpoint.snapshot_every": 1,
+                         "checkpoint.remote": "file://{root}/remote-{name}"},
+    "ddp-synchronous": {"parallel.strategy": "ddp", "checkpoint.asynchronous": "false"},
 }
 
 
@@ -64,6 +68,7 @@ def _nccl_rank(rank, world_size, root, out):
     result["broadcast"] = accel.broadcast_int(7)
     source = _image_folder(root)
     for name, overrides in SCENARIOS.items():
+        overrides = {k: v.format(root=root, name=name) if isinstance(v, str) else v for k, v in overrides.items()}
         train(_cfg(root, source, name, **{**overrides, "train.steps": 4}), QUIET)
         train(_cfg(root, source, name + "-split", **{**overrides, "train.steps": 2}), QUIET)
         train(_cfg(root, source, name + "-split", **{**overrides, "train.steps": 4}), QUIET)
@@ -74,7 +79,9 @@ def _nccl_rank(rank, world_size, root, out):
             "rows": rows,
             "finite": all(bool(torch.isfinite(v).all()) for v in whole.values()),
             "resume_gap": max((whole[k].float() - split[k].float()).abs().max().item() for k in whole),
+            "checkpoints": sorted(p.name for p in (root / name / "checkpoints").iterdir()),
         }
+    result["remote"] = sorted(p.name for p in (root / "remote-fsdp-full-remote").iterdir())
     with open(f"{out}/result.json", "w") as f:
         json.dump(result, f)
 
@@ -90,6 +97,10 @@ def test_the_trainer_runs_and_resumes_in_a_one_rank_nccl_group(tmp_path):
         last = got["rows"][-1]
         assert got["finite"] and last["step"] == 4 and last["loss"] is not None and "val_loss" in last, (name, last)
         assert got["resume_gap"] < 1e-4, (name, got["resume_gap"])
+    assert result["fsdp-bf16"]["checkpoints"] == ["full-000000002", "full-000000004"]
+    snapshots = ["snapshot-000000002", "snapshot-000000003", "snapshot-000000004"]
+    assert result["fsdp-full-remote"]["checkpoints"] == ["full-000000002", "full-000000004", *snapshots]
+    assert result["remote"] == ["full-000000002", "full-000000004", "snapshot-000000003", "snapshot-000000004"]
     fp16 = result["ddp-topk-fp16"]["rows"]
     assert any(r.get("skipped_steps") is not None for r in fp16)  # the loss scaler ran, flags agreed over NCCL
     assert not any(r.get("precision_fallback") for r in fp16)

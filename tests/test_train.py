@@ -65,7 +65,9 @@ def test_steps_lower_the_loss_on_a_fixed_batch():
 
 @pytest.mark.timeout(180)
 def test_run_writes_metrics_samples_weights(tmp_path):
-    cfg = tiny_cfg(tmp_path, **{"train.steps": 6, "train.sample_every": 3, "checkpoint.full_every": 3})
+    cfg = tiny_cfg(tmp_path, **{"train.steps": 6, "train.sample_every": 3, "checkpoint.full_every": 3,
+                                "checkpoint.snapshot_every": 2, "checkpoint.keep_snapshots": 2,
+                                "checkpoint.remote": f"file://{tmp_path}/remote", "checkpoint.keep_remote": 1})
     last = train(cfg, print_fn=lambda *a, **k: None)
     run = tmp_path / "demo"
     rows = metrics.read_jsonl(run / "metrics.jsonl")
@@ -75,7 +77,12 @@ def test_run_writes_metrics_samples_weights(tmp_path):
     assert rows[-1]["images_seen"] == 48 and last["images_seen"] == 48
     assert (run / "samples" / "grid-0000003.png").exists() and (run / "samples" / "final.png").exists()
     assert set(load_file(str(run / "final" / "ema.safetensors"))) == set(Trainer(cfg).model.state_dict())
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["full-000000003", "full-000000006"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["full-000000003", "full-000000006",
+                                                                       "snapshot-000000004", "snapshot-000000006"]
+    assert sorted(p.name for p in (tmp_path / "remote").iterdir()) == ["full-000000006", "snapshot-000000006"]
+    snapshot = load_file(str(run / "checkpoints" / "snapshot-000000006" / "ema.safetensors"))
+    final = load_file(str(run / "final" / "ema.safetensors"))
+    assert all(torch.equal(snapshot[k], final[k]) for k in final)
     assert config.load(str(run / "config.toml")) == cfg
 
 

@@ -65,13 +65,14 @@ def file_entry(path: Path) -> dict:
 
 
 def write_manifest(directory: Path, kind: str, step: int, files: dict[str, dict], **meta) -> dict:
-    """Records `files` ({relative path: file_entry}) and `meta`; files not named yet are hashed here."""
+    """Records `files` ({relative path: file_entry}) and `meta` (under "meta"); files not named yet
+    (those torch.distributed.checkpoint wrote) are hashed here."""
     for path in sorted(directory.rglob("*")):
         rel = path.relative_to(directory).as_posix()
         if path.is_file() and rel not in files and rel != MANIFEST:
             files[rel] = file_entry(path)
     manifest = {"format_version": FORMAT_VERSION, "kind": kind, "step": step, "time": time.time(),
-                "files": dict(sorted(files.items())), **meta}
+                "files": dict(sorted(files.items())), "meta": meta}
     write_atomic(directory / MANIFEST, json.dumps(manifest, indent=1).encode())
     return manifest
 

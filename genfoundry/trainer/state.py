@@ -61,7 +61,8 @@ class TrainerState:
         """Hands one checkpoint to the tiers; every rank calls it. Returns the seconds training paused."""
         if kind == "snapshot":
             ema = self.parallel.gather_ema().state_dict()
-            return self.checkpoints.save("snapshot", self.step, ema if self.rank == 0 else None, **self.model_meta())
+            meta = {k: v for k, v in self.model_meta().items() if k != "step"}  # the manager adds the step
+            return self.checkpoints.save("snapshot", self.step, ema if self.rank == 0 else None, **meta)
         shared = self.state_dict(weights=not self.dcp)  # every rank: under FSDP2 full weights are gathered
         return self.checkpoints.save("full", self.step, shared if self.rank == 0 else None,
                                      self.hook.state_dict() if self.hook.per_rank else None,
