@@ -55,7 +55,9 @@ def train(cfg: Config, print_fn=print) -> dict:
     check_names(cfg)
     joined_before = accel.distributed()
     try:
-        return Trainer(cfg, print_fn).train()
+        result = Trainer(cfg, print_fn).train()
+        parallel.mark_finished()
+        return result
     except RuntimeError as e:  # told apart while the process group and its heartbeat still exist
         why = parallel.peer_failure(e)
         if why is None:

@@ -11,6 +11,8 @@ import contextlib
 import datetime
 import inspect
 import os
+import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -39,13 +41,19 @@ def init_process_group(device: torch.device, timeout_s: float) -> bool:
     return True
 
 
-# ---- telling a lost peer from a bug -------------------------------------------------------------
+# ---- telling a lost peer from a bug, and not waiting for one ------------------------------------
 # gloo reports a dead peer as a plain RuntimeError ("Connection reset by peer"), the same type as a
 # shape mismatch, so the error alone cannot say which it is. Each rank instead stamps a counter in the
 # process group's store every second from a daemon thread; after an error, a rank whose counter stops
 # moving (or a store that no longer answers: it lived in a rank that died) is a lost peer.
+#
+# The same thread watches one peer, the next rank, so that no rank waits `parallel.timeout_s` in a
+# collective (NCCL's wait) or in work of its own for a rank that died: a counter still for LOST_AFTER_S
+# is posted in the store, every rank reads that one key each beat, and all exit with one line naming
+# the lost rank (under torchrun, its restart follows). Each rank reads two keys a beat, at any scale.
 
 HEARTBEAT_S = 1.0
+LOST_AFTER_S = 10.0
 _heartbeat: dict = {}
 
 
@@ -61,19 +69,53 @@ def start_heartbeat() -> None:
     stop_heartbeat()
     if accel.world_size() <= 1:
         return
-    store, key, stop = _store(), f"genfoundry/alive/{accel.rank()}", threading.Event()
+    rank, world = accel.rank(), accel.world_size()
+    # torchrun keeps its store across restarts: each attempt's keys are its own
+    prefix = f"genfoundry/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+    store, key, stop = _store(), f"{prefix}alive/{rank}", threading.Event()
     store.add(key, 1)  # every rank's key exists before training starts
+    peer = (rank + 1) % world
+    watched = {"count": 0, "since": time.monotonic()}
 
     def stamp():
         while not stop.wait(HEARTBEAT_S):
             try:
                 store.add(key, 1)
+                lost = _watch(store, prefix, peer, watched)
             except Exception:  # noqa: BLE001 - the store went with a dead rank; peers will notice
                 return
+            if lost is not None and not stop.is_set():
+                print(f"genfoundry: rank {rank} lost contact with rank {lost} (no heartbeat for {LOST_AFTER_S:g} s); "
+                      f"exiting so that the run can resume from its last checkpoint", file=sys.stderr, flush=True)
+                os._exit(1)
 
     thread = threading.Thread(target=stamp, name="genfoundry-heartbeat", daemon=True)
     thread.start()
-    _heartbeat.update(stop=stop, thread=thread, store=store, world=accel.world_size(), rank=accel.rank())
+    _heartbeat.update(stop=stop, thread=thread, store=store, world=world, rank=rank, prefix=prefix)
+
+
+def _watch(store, prefix: str, peer: int, watched: dict) -> int | None:
+    """One beat of the watch: the rank found lost (by this rank or a peer), else None."""
+    lost = store.add(f"{prefix}lost", 0)
+    if lost:
+        return lost - 1
+    count = store.add(f"{prefix}alive/{peer}", 0)
+    now = time.monotonic()
+    if count != watched["count"]:
+        watched.update(count=count, since=now)
+    elif now - watched["since"] > LOST_AFTER_S and not store.add(f"{prefix}finished/{peer}", 0):
+        store.compare_set(f"{prefix}lost", "0", str(peer + 1))  # the first rank to see one names it
+        return int(store.get(f"{prefix}lost")) - 1
+    return None
+
+
+def mark_finished() -> None:
+    """This rank ended its work normally: the peer watching it must not take its silence for death."""
+    if _heartbeat:
+        try:
+            _heartbeat["store"].add(f"{_heartbeat['prefix']}finished/{_heartbeat['rank']}", 1)
+        except Exception:  # noqa: BLE001 - nobody is left to tell
+            pass
 
 
 def stop_heartbeat() -> None:
@@ -90,18 +132,16 @@ def lost_peers(wait_s: float = 3 * HEARTBEAT_S) -> list[int] | None:
     """Ranks that stopped stamping within `wait_s` without having failed themselves (a rank that
     failed marks itself first, and shows its own error); None when the store no longer answers (its
     host died); [] when every peer is alive or there is no heartbeat."""
-    import time
-
     if not _heartbeat:
         return []
-    store, me = _heartbeat["store"], _heartbeat["rank"]
+    store, me, prefix = _heartbeat["store"], _heartbeat["rank"], _heartbeat["prefix"]
     peers = [r for r in range(_heartbeat["world"]) if r != me]
     try:
-        store.add(f"genfoundry/failed/{me}", 1)
-        before = {r: store.add(f"genfoundry/alive/{r}", 0) for r in peers}
+        store.add(f"{prefix}failed/{me}", 1)
+        before = {r: store.add(f"{prefix}alive/{r}", 0) for r in peers}
         time.sleep(wait_s)
-        after = {r: store.add(f"genfoundry/alive/{r}", 0) for r in peers}
-        failed = {r for r in peers if store.add(f"genfoundry/failed/{r}", 0)}
+        after = {r: store.add(f"{prefix}alive/{r}", 0) for r in peers}
+        failed = {r for r in peers if store.add(f"{prefix}failed/{r}", 0)}
     except Exception:  # noqa: BLE001 - any failure to reach the store means its host is gone
         return None
     return [r for r in peers if after[r] == before[r] and r not in failed]
