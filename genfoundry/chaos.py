@@ -20,13 +20,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from genfoundry import config as config_lib
+from genfoundry.checkpoint.manager import FAULT_KILL_IN_WRITE  # "STEP:RANK:MARKER": a kill mid-write
 from genfoundry.checkpoint.storage import write_atomic
 from genfoundry.errors import ConfigError, GenfoundryError, writable_directory
 
 FORMAT_VERSION = 1
-# "STEP:RANK:MARKER": the process of rank RANK, while writing the full checkpoint of step STEP, creates
-# MARKER (unless it exists) and kills itself with SIGKILL halfway through the write.
-FAULT_KILL_IN_WRITE = "GENFOUNDRY_FAULT_KILL_IN_WRITE"
 # Every step logged and validated only at the end, no grids, the smallest batches: faults, not training,
 # take the time.
 SMALL_RUN = {"train.val_batch_size": 16, "train.log_every": 1, "train.sample_every": 0, "train.warmup_steps": 1,
@@ -181,7 +179,7 @@ def _launch(trial_dir: Path, faults: list[Fault], *, config: str, train_args: li
     completed = proc.returncode == 0 and not reason
     result = {"completed": completed, "exit_code": proc.returncode, "wall_s": wall_s,
               "reason": reason or ("" if completed else f"torchrun exited with code {proc.returncode}"),
-              "bit_exact": False, "faults": [asdict(f) for f in faults]}
+              "bit_exact": False, "mismatch": None, "faults": [asdict(f) for f in faults]}
     if not completed:
         result["log_tail"] = stderr.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
     return result
@@ -268,7 +266,8 @@ def _settle(faults: list[Fault], rows: list[dict], marker: Path, steps: int) -> 
         if fault.kind == "in-write" and not fault.injected:
             fault.note = f"the checkpoint writer did not act on {FAULT_KILL_IN_WRITE}"
         elif not fault.injected:
-            fault.note = f"the run ended before this fault was due (step {fault.step} of {steps})"
+            fault.note = (f"the run ended before it was due (at step {fault.step} of {steps}, once the fault "
+                          f"before it had recovered)")
         elif fault.recovery_s is None:
             fault.note = "no step was logged after the restart that followed it"
 
