@@ -68,11 +68,36 @@ def train(cfg: Config, print_fn=print) -> dict:
             parallel.destroy_process_group()
 
 
-def final_meta(run_dir: str | Path) -> dict:
-    """RUN/final/model.json: the architecture, class names, step and final validation losses."""
-    meta_path = Path(run_dir) / "final" / "model.json"
+def weights_dir(run_dir: str | Path, snapshot: int | str | None = None) -> Path:
+    """Where a run's weights to sample are: RUN/final, or with `snapshot` (a step, or "latest") the EMA
+    snapshot RUN/checkpoints/snapshot-NNNNNNNNN that training wrote, checked against its manifest."""
+    if snapshot is None:
+        return Path(run_dir) / "final"
+    from genfoundry.checkpoint import CheckpointError, checkpoint_name, verify
+
+    root = Path(run_dir) / "checkpoints"
+    steps = sorted(int(p.name.split("-")[1]) for p in root.glob("snapshot-*")) if root.is_dir() else []
+    if snapshot == "latest":
+        if not steps:
+            raise RunError(f"'{run_dir}' has no snapshots (checkpoint.snapshot_every writes them)")
+        snapshot = steps[-1]
+    path = root / checkpoint_name("snapshot", int(snapshot))
+    if not path.is_dir():
+        raise RunError(f"'{run_dir}' has no snapshot of step {snapshot}; it has {steps or 'none'}")
+    try:
+        verify(path)
+    except CheckpointError as e:
+        raise RunError(f"the snapshot cannot be used: {e}") from None
+    return path
+
+
+def final_meta(run_dir: str | Path, snapshot: int | str | None = None) -> dict:
+    """RUN/final/model.json (or a snapshot's): the architecture, class names, step and, for the final
+    weights, the final validation losses."""
+    meta_path = weights_dir(run_dir, snapshot) / "model.json"
     if not meta_path.is_file():
-        raise RunError(f"'{run_dir}' has no final model ({meta_path} is missing); train it to the end first")
+        raise RunError(f"'{run_dir}' has no final model ({meta_path} is missing); train it to the end first, "
+                       f"or sample a snapshot (--snapshot latest)")
     try:
         return json.loads(meta_path.read_text())
     except (OSError, ValueError) as e:
@@ -80,7 +105,7 @@ def final_meta(run_dir: str | Path) -> dict:
 
 
 def load_trained(run_dir: str | Path, weights: str = "auto", device: str = "auto",
-                 print_fn=print) -> tuple[DiT, dict]:
+                 print_fn=print, snapshot: int | str | None = None) -> tuple[DiT, dict]:
     """The final network of a finished run and its metadata (class names, source, step, final
     validation losses); meta["weights"] names the weights loaded.
 
@@ -89,8 +114,10 @@ def load_trained(run_dir: str | Path, weights: str = "auto", device: str = "auto
     a short run the EMA can still hold the early weights."""
     if weights not in ("auto", "ema", "model"):
         raise RunError(f"weights must be 'auto', 'ema' or 'model', got '{weights}'")
-    final, meta = Path(run_dir) / "final", final_meta(run_dir)
-    if weights == "auto":
+    final, meta = weights_dir(run_dir, snapshot), final_meta(run_dir, snapshot)
+    if weights == "auto" and snapshot is not None:
+        weights = "ema"  # a snapshot holds the EMA only
+    elif weights == "auto":
         ema_loss, raw_loss = meta.get("val_loss_ema"), meta.get("val_loss")  # None: not recorded or not finite
         weights = "model" if ema_clearly_worse(raw_loss, ema_loss) else "ema"
         shown = {k: "n/a" if v is None else f"{v:.4f}" for k, v in (("model", raw_loss), ("ema", ema_loss))}
@@ -127,26 +154,28 @@ def sample(run_dir: str | Path, out_dir: str | Path | None = None, num_images: i
            sampler: str | None = None, steps: int | None = None, cfg_scale: float | None = None,
            seed: int | None = None, batch_size: int | None = None, weights: str = "auto",
            device: str = "auto", write_images: bool = True, classes: list[str] | None = None,
-           print_fn=print) -> dict:
+           print_fn=print, snapshot: int | str | None = None) -> dict:
     """Writes a grid (one row per class) and, optionally, every image as a PNG; settings default to the
-    run's. `classes` names the classes to sample, as in the run's class list (default: all)."""
+    run's. `classes` names the classes to sample, as in the run's class list (default: all);
+    `snapshot` (a step, or "latest") samples an EMA snapshot written during training instead."""
     for flag, value in (("--num-images", num_images), ("--steps", steps), ("--batch-size", batch_size)):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be at least 1, got {value}")
     sc = run_config(run_dir).sample
-    names = final_meta(run_dir)["class_names"]
+    names = final_meta(run_dir, snapshot)["class_names"]
     unknown = [c for c in classes or [] if c not in names]
     if unknown:
         raise ConfigError(f"--class {', '.join(repr(c) for c in unknown)}: not a class of this run, whose classes "
                           f"are {', '.join(names)}")
-    model, meta = load_trained(run_dir, weights, device, print_fn)
+    model, meta = load_trained(run_dir, weights, device, print_fn, snapshot)
     chosen = [names.index(c) for c in classes] if classes else list(range(len(names)))
     k = len(chosen)
     num_images = sc.per_class * k if num_images is None else num_images
     settings = dict(sampler=sampler or sc.sampler, steps=sc.steps if steps is None else steps,
                     cfg_scale=sc.cfg_scale if cfg_scale is None else cfg_scale,
                     seed=sc.seed if seed is None else seed)
-    out = writable_directory(out_dir or Path(run_dir) / "samples" / "sampled", RunError)
+    default = "sampled" if snapshot is None else f"sampled-{meta['step']:09d}"
+    out = writable_directory(out_dir or Path(run_dir) / "samples" / default, RunError)
     labels = balanced_labels(num_images, len(names), chosen)
     images = generate(model, labels, range(num_images), batch_size=sc.batch_size if batch_size is None else batch_size,
                       precision=sc.precision, **settings)
@@ -157,17 +186,20 @@ def sample(run_dir: str | Path, out_dir: str | Path | None = None, num_images: i
         for i in range(num_images):
             save_png(images[i], out / f"{i:06d}-{names[labels[i]]}.png")
     info = {"format_version": FORMAT_VERSION, "run": str(run_dir), "num_images": num_images,
-            "weights": meta["weights"], "classes": [names[c] for c in chosen], **settings, "out_dir": str(out)}
+            "weights": meta["weights"], "step": meta["step"], "classes": [names[c] for c in chosen], **settings,
+            "out_dir": str(out)}
     write_atomic(out / "sampling.json", json.dumps(info, indent=2).encode())
     return info
 
 
 def evaluate(run_dir: str | Path, num_samples: int | None = None, reference: str | None = None,
              split: str | None = None, device: str = "auto", print_fn=print, resize: str | None = None,
-             max_reference_images: int | None = None, weights: str = "auto") -> dict:
+             max_reference_images: int | None = None, weights: str = "auto",
+             snapshot: int | str | None = None) -> dict:
     """FID and KID of `num_samples` class-balanced samples from a finished run against a reference set
     (a dataset name, image folder or shard set; default the training source) built at the run's image
-    size and channels. The reference statistics are made, or found, before any sample is generated."""
+    size and channels. The reference statistics are made, or found, before any sample is generated.
+    `snapshot` (a step, or "latest") scores an EMA snapshot written during training instead."""
     from genfoundry.eval import evaluate as score
     from genfoundry.eval import reference_stats
 
@@ -179,7 +211,7 @@ def evaluate(run_dir: str | Path, num_samples: int | None = None, reference: str
     ec, sc = cfg.eval, cfg.sample
     num_samples = ec.num_samples if num_samples is None else num_samples
     resize = resize or ec.resize
-    model, meta = load_trained(run_dir, weights, device, print_fn)
+    model, meta = load_trained(run_dir, weights, device, print_fn, snapshot)
     out = writable_directory(Path(run_dir) / "eval", RunError)
     device = str(accel.get_device(device))
     t0 = time.perf_counter()
@@ -197,7 +229,8 @@ def evaluate(run_dir: str | Path, num_samples: int | None = None, reference: str
     result.update(reference_s=reference_s, sampling_s=sampling_s, scoring_s=time.perf_counter() - t0,
                   sampler=sc.sampler, sampler_steps=sc.steps, cfg_scale=sc.cfg_scale, run=str(run_dir),
                   step=meta["step"], weights=meta["weights"])
-    write_atomic(out / f"fid-{num_samples}.json", json.dumps(result, indent=2).encode())
+    name = f"fid-{num_samples}.json" if snapshot is None else f"fid-{num_samples}-step{meta['step']:09d}.json"
+    write_atomic(out / name, json.dumps(result, indent=2).encode())
     identity = result["reference_identity"]
     print_fn(f"FID {result['fid']:.3f}  ({result['num_generated']} generated vs {result['num_reference']} "
              f"reference images of {result['reference']}; {identity['resolution']}x{identity['resolution']}x"

@@ -39,6 +39,21 @@ def _config_args(p: argparse.ArgumentParser, default_recipe: str | None) -> None
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
 
 
+def _snapshot(value: str) -> int | str:
+    if value == "latest":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a step or 'latest', got '{value}'") from None
+
+
+def _snapshot_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--snapshot", type=_snapshot, metavar="STEP|latest",
+                   help="use the EMA snapshot training wrote at STEP (checkpoint.snapshot_every), or the newest, "
+                        "instead of the final weights; the run need not have finished")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="genfoundry",
@@ -96,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", choices=["auto", "ema", "model"], default="auto",
                    help="EMA or raw weights; auto takes the raw ones where the EMA's final validation loss "
                         "is over 1.1x theirs, else the EMA, and says which (default: auto)")
+    _snapshot_arg(p)
     p.add_argument("--grid-only", action="store_true", help="write only the grid, not every image")
     p.add_argument("--device", default="auto", help="device, e.g. cpu or cuda:0 (default: auto)")
 
@@ -117,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "0 meaning all)")
     p.add_argument("--weights", choices=["auto", "ema", "model"], default="auto",
                    help="EMA or raw weights; auto chooses as sample does (default: auto)")
+    _snapshot_arg(p)
     p.add_argument("--device", default="auto", help="device, e.g. cpu or cuda:0 (default: auto)")
     p = sub.add_parser("chaos", help="kill ranks of a small multi-process run with kill -9 and check that the "
                                      "restarted run ends bit-exact",
@@ -261,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sample":
             info = api.sample(args.run_dir, args.out, args.num_images, args.sampler, args.steps, args.cfg_scale,
                               args.seed, args.batch_size, args.weights, args.device, not args.grid_only,
-                              classes=args.classes)
+                              classes=args.classes, snapshot=args.snapshot)
             print(f"wrote {info['num_images']} images to {info['out_dir']}")
         elif args.command == "pack":
             from genfoundry.shards.pack import pack, summary
@@ -284,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.device, not args.no_baseline, precisions, args.profile)
         elif args.command == "eval":
             api.evaluate(args.run_dir, args.num_samples, args.reference, args.split, args.device,
-                         resize=args.resize, max_reference_images=args.max_reference_images, weights=args.weights)
+                         resize=args.resize, max_reference_images=args.max_reference_images, weights=args.weights,
+                         snapshot=args.snapshot)
         return 0
     except GenfoundryError as e:  # a user mistake: its one-line message, no traceback
         print(f"genfoundry {args.command}: error: {e}", file=sys.stderr)

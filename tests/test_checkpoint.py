@@ -141,3 +141,21 @@ def test_kill_9_in_the_middle_of_a_write_leaves_the_last_good_checkpoint(tmp_pat
     m.clean()
     assert m.newest() == 2 and sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["full-000000002"]
     m.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_snapshot_of_an_unfinished_run_samples_through_the_cli(tmp_path):
+    from genfoundry import config
+    from genfoundry.api import train
+    from genfoundry.cli import main
+
+    overrides = {"train.global_batch_size": 8, "train.val_batch_size": 16, "train.log_every": 2, "train.val_every": 4,
+                 "train.sample_every": 0, "sample.steps": 1, "sample.per_class": 1, "run.threads": 1,
+                 "run.root": str(tmp_path), "train.steps": 2, "checkpoint.snapshot_every": 1}
+    train(config.load("demo", overrides), lambda *a, **k: None)
+    run = tmp_path / "demo"
+    (run / "final" / "model.json").unlink()  # as if it were still training
+    assert main(["sample", str(run), "--snapshot", "latest", "--num-images", "2", "--device", "cpu"]) == 0
+    info = json.loads((run / "samples" / "sampled-000000002" / "sampling.json").read_text())
+    assert info["step"] == 2 and info["weights"] == "ema" and info["num_images"] == 2
+    assert main(["sample", str(run), "--snapshot", "7", "--device", "cpu"]) == 2
