@@ -70,6 +70,8 @@ class HostStaging:
             buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=self.pinned and t.device.type != "cpu")
             self.buffers[key] = buf
         buf.copy_(t, non_blocking=buf.is_pinned())
+        if self.stream is not None and t.is_cuda:
+            t.record_stream(self.stream)  # not reused by the allocator before the side stream has read it
         self.bytes += buf.numel() * buf.element_size()
         return buf
 
