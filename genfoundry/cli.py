@@ -205,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="repeatable (default: all three)")
     b.add_argument("--workdir", help="where the runs go (default: a new temporary directory)")
     b.add_argument("--out", help="write the results as JSON here")
+    bench.add_parser("checkpoint", add_help=False,
+                     help="training stall and time until durable per checkpoint: torch.save, DCP async_save and "
+                          "genfoundry's tiers (`genfoundry bench checkpoint --help` for its options)")
     b = bench.add_parser("comm", help="all-reduce timings (flat, NCCL ring/tree, 2D torus), the fitted alpha-beta "
                                       "model, its choices and a simulation for 8 to 4,096 ranks",
                          description="Starts N ranks through torchrun and runs genfoundry.bench.comm on them "
@@ -273,6 +276,11 @@ def main(argv: list[str] | None = None) -> int:
                 "--iters", str(args.iters), *(["--sizes", *map(str, args.sizes)] if args.sizes else []),
                 *(["--out", args.out] if args.out else []), *rest])
             os.execv(sys.executable, command)
+        if args.command == "bench" and args.bench == "checkpoint":
+            from genfoundry.bench.checkpoint import main as bench_checkpoint
+
+            bench_checkpoint(rest)  # its own options, parsed there
+            return 0
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         if args.command == "sample":

@@ -37,6 +37,7 @@ SNAPSHOT_META = "model.json"
 # Fault injection for `genfoundry chaos`: "STEP:RANK:MARKER" makes rank RANK kill itself (SIGKILL) in the
 # middle of writing the full checkpoint of step STEP, once (MARKER is created first).
 FAULT_KILL_IN_WRITE = "GENFOUNDRY_FAULT_KILL_IN_WRITE"
+BACKGROUND_NICE = 19  # writer and upload threads run at the lowest CPU priority: training comes first
 
 
 def rank_file(rank: int) -> str:
@@ -133,6 +134,10 @@ class CheckpointManager:
             q.put(None)
 
     def _work(self, jobs: queue.Queue, handle) -> None:
+        try:  # Linux: this thread alone yields the cores to training (a thread's nice value is its own)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
+        except (AttributeError, OSError):
+            pass
         while (job := jobs.get()) is not None:
             try:
                 self._run(job, handle)
