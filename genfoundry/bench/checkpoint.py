@@ -49,8 +49,9 @@ from genfoundry.models import MODELS, DiT, DiTArch
 from genfoundry.sources import ImageSet
 from genfoundry.trainer.state import TrainerState
 
-METHODS = ("torch_save", "dcp_async", "genfoundry")
-LABELS = {"torch_save": "torch.save", "dcp_async": "DCP async_save", "genfoundry": "genfoundry tiers"}
+METHODS = ("torch_save", "dcp_async", "dcp_async_writer", "genfoundry")
+LABELS = {"torch_save": "torch.save", "dcp_async": "DCP async_save", "dcp_async_writer": "DCP async (writer)",
+          "genfoundry": "genfoundry tiers"}
 DEMO_RECIPE = "demo"             # the CPU default trains this recipe's model on its data's shape
 MNIST_SHAPE = (28, 1, 10)        # the demo's data: resolution, channels, classes
 LATENT_SHAPE = (32, 4, 1000)     # a 256-px image as 8x-downsampled latents, ImageNet's classes
@@ -188,6 +189,17 @@ class TorchSave:
         pass
 
 
+def _on_device(node, device: torch.device):
+    """The tree with its few host tensors (RNG state, AdamW step counts) moved to `device`."""
+    if isinstance(node, torch.Tensor):
+        return node.to(device) if node.device.type == "cpu" else node
+    if isinstance(node, dict):
+        return {k: _on_device(v, device) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return type(node)(_on_device(v, device) for v in node)
+    return node
+
+
 class DcpAsync:
     """(b) `torch.distributed.checkpoint.async_save`, single process, staged by a `DefaultStager`."""
 
@@ -203,14 +215,19 @@ class DcpAsync:
                                  use_non_blocking_copy=accelerated)
         self.stager = DefaultStager(options)
         self.config = (f"async_save(async_stager=DefaultStager({options})), thread checkpointer, "
-                       f"FileSystemWriter(sync_files=True)")
+                       f"FileSystemWriter(sync_files=True)"
+                       + ("; the state's few host tensors moved to the device, which DCP's stager needs" if accelerated
+                          else ""))
 
     def save(self) -> None:
         from torch.distributed.checkpoint import FileSystemWriter, async_save
 
         started = time.perf_counter()
         writer = FileSystemWriter(self.directory / f"step-{self.run.step:09d}", sync_files=True)
-        response = async_save(self.run.state_dict(), storage_writer=writer, async_stager=self.stager, no_dist=True)
+        state = _plain(self.run.state_dict())
+        if self.run.device.type != "cpu":  # DCP's stager (torch 2.11) cannot stage host tensors beside device ones
+            state = _on_device(state, self.run.device)
+        response = async_save(state, storage_writer=writer, async_stager=self.stager, no_dist=True)
         # With asynchronous staging torch returns both futures; the weights may change once staging is done.
         self.staging = getattr(response, "staging_completion", None)
         self.upload = getattr(response, "upload_completion", response)
@@ -231,6 +248,44 @@ class DcpAsync:
     def close(self) -> None:
         self.settle()
         self.stager.close()
+
+
+class DcpAsyncWriter(DcpAsync):
+    """(b') `async_save` staged by its `FileSystemWriter` (`cache_staged_state_dict=True`: pinned host
+    copies kept from one save to the next), the configuration torch's own examples use."""
+
+    def __init__(self, run: BenchRun, directory: Path):
+        self.run, self.directory, self.durable = run, directory, []
+        self.staging = self.upload = None
+        self.stager = None
+        self.writer = None
+        self.config = ("async_save(storage_writer=FileSystemWriter(sync_files=True, cache_staged_state_dict="
+                       f"{run.device.type != 'cpu'}))")
+
+    def save(self) -> None:
+        from torch.distributed.checkpoint import FileSystemWriter, async_save
+
+        started = time.perf_counter()
+        path = self.directory / f"step-{self.run.step:09d}"
+        if self.writer is None:  # one writer, so that its cached pinned copies serve every save
+            self.writer = FileSystemWriter(path, sync_files=True,  # its cache pins, which needs an accelerator
+                                           cache_staged_state_dict=self.run.device.type != "cpu")
+        state = _plain(self.run.state_dict())
+        self.upload = async_save(state, checkpoint_id=path, storage_writer=self.writer, no_dist=True)
+        self.upload = getattr(self.upload, "upload_completion", self.upload)
+        self.upload.add_done_callback(lambda _: self.durable.append(time.perf_counter() - started))
+
+    def close(self) -> None:
+        self.settle()
+
+
+def _plain(node):
+    """The tree with plain dicts (torch 2.11's stagers cannot copy an OrderedDict, which reduces to its class)."""
+    if isinstance(node, dict):
+        return {k: _plain(v) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return type(node)(_plain(v) for v in node)
+    return node
 
 
 class Tiers:
@@ -267,7 +322,7 @@ class Tiers:
         self.run.checkpoints = None
 
 
-SAVERS = {"torch_save": TorchSave, "dcp_async": DcpAsync, "genfoundry": Tiers}
+SAVERS = {"torch_save": TorchSave, "dcp_async": DcpAsync, "dcp_async_writer": DcpAsyncWriter, "genfoundry": Tiers}
 
 
 def save_steps(steps: int, every: int) -> list[int]:
@@ -345,8 +400,11 @@ def compare(methods: dict) -> tuple[dict, dict]:
         ratios["torch_save_over_genfoundry"] = stall("torch_save") / stall("genfoundry")
         targets[f"stall_{STALL_TARGET:g}x_smaller_than_torch_save"] = (
             ratios["torch_save_over_genfoundry"] >= STALL_TARGET)
-    if {"dcp_async", "genfoundry"} <= set(methods):
-        ratios["genfoundry_over_dcp_async"] = stall("genfoundry") / stall("dcp_async")
+    dcp = [name for name in ("dcp_async", "dcp_async_writer") if name in methods]
+    if dcp and "genfoundry" in methods:  # against the better of the DCP configurations measured
+        best = min(dcp, key=stall)
+        ratios["genfoundry_over_dcp_async"] = stall("genfoundry") / stall(best)
+        ratios["dcp_async_compared"] = best
         targets["stall_no_larger_than_dcp_async"] = ratios["genfoundry_over_dcp_async"] <= 1.0
     return ratios, targets
 
@@ -363,7 +421,8 @@ def print_table(result: dict, say) -> None:
             f"{_seconds(m['durable_s']['median']):>16}{_seconds(m['durable_s']['max']):>13}"
             f"{_seconds(m['call_s']['median']):>11}{_seconds(m['step_s']):>12}{m['saves']:>7}")
     for name, value in result["ratios"].items():
-        say(f"stall ratio {name.replace('_over_', ' / ')}: {value:.3g}")
+        if not isinstance(value, str):
+            say(f"stall ratio {name.replace('_over_', ' / ')}: {value:.3g}")
     for name, met in result["targets"].items():
         say(f"target {name}: {'met' if met else 'NOT met'}")
 
