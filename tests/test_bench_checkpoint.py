@@ -32,7 +32,7 @@ def test_three_methods_measured_and_cleaned_up(tmp_path):
     m = written["methods"]["torch_save"]
     assert m["durable_s"]["median"] <= m["call_s"]["median"]
     assert m["stall_s"]["median"] > 0
-    assert set(written["ratios"]) == {"torch_save_over_genfoundry", "genfoundry_over_dcp_async"}
+    assert set(written["ratios"]) == {"torch_save_over_genfoundry", "genfoundry_over_dcp_async", "dcp_async_compared"}
     assert all(isinstance(v, bool) for v in written["targets"].values()) and len(written["targets"]) == 2
     assert os.listdir(work) == []  # every method's checkpoints and the temporary directory are gone
 
