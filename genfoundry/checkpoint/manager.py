@@ -129,9 +129,14 @@ class CheckpointManager:
         return list(self.failures)
 
     def close(self) -> None:
+        """Waits for every save, then ends the threads and frees the host buffers."""
         self.wait()
         for q in (self._jobs, self._uploads):
             q.put(None)
+        for thread in self._threads:
+            thread.join()
+        self._pending = dict.fromkeys(mf.KINDS)
+        self.staging = {kind: HostStaging(staging.device) for kind, staging in self.staging.items()}
 
     def _work(self, jobs: queue.Queue, handle) -> None:
         try:  # Linux: this thread alone yields the cores to training (a thread's nice value is its own)

@@ -169,7 +169,7 @@ class Trainer(TrainerState):
             if ck.snapshot_every and self.step > start_step and self.step % ck.snapshot_every == 0:
                 self.save_checkpoint("snapshot")
             if stop:
-                return self.finish_preempted()
+                return self.finish_preempted(saved=self.step > start_step)
             if done:
                 break
             self.train_step()
@@ -178,15 +178,19 @@ class Trainer(TrainerState):
         return last
 
     def finish_checkpoints(self) -> None:
-        """Waits until every checkpoint is durable (and uploaded); says what failed."""
+        """Waits until every checkpoint is durable (and uploaded), says what failed, and lets the
+        manager's threads and host buffers go."""
         failures = self.checkpoints.wait()
+        self.checkpoints.close()
         if failures:
             self.print(f"{len(failures)} checkpoint write(s) or upload(s) failed during the run (see the warnings)")
 
-    def finish_preempted(self) -> dict:
+    def finish_preempted(self, saved: bool) -> dict:
         self.finish_checkpoints()
-        self.print(f"SIGTERM: saved the full state of step {self.step} within "
-                   f"{time.monotonic() - self.preemption.since:.1f} s; run the same command to resume")
+        what = (f"saved the full state of step {self.step}" if saved else
+                f"no step since the start at {self.step}, nothing new to save")
+        self.print(f"SIGTERM: {what} within {time.monotonic() - self.preemption.since:.1f} s; run the same "
+                   f"command to resume")
         self.barrier()
         return {"preempted": self.step}
 
