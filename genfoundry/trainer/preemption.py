@@ -48,8 +48,7 @@ class Preemption:
         """True on every rank once any rank was asked to stop."""
         asked = self.since is not None
         if self.group is not None:
-            flag = torch.tensor([1 if asked else 0])
-            torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX, group=self.group)
+            flag = accel.all_reduce(torch.tensor([1 if asked else 0]), "max", group=self.group)
             if flag.item() and not asked:
                 self.request()  # a peer was signalled first: this rank's grace starts now
             asked = bool(flag.item())
