@@ -76,10 +76,11 @@ def test_leftovers_of_interrupted_saves_are_removed_and_reported(tmp_path):
 def test_the_remote_tier_keeps_k_and_gives_back_what_the_local_disk_lost(tmp_path):
     fsspec = pytest.importorskip("fsspec")
     url = f"memory://genfoundry-test-{os.getpid()}"
-    m = manager(tmp_path / "a", remote=url, keep_remote=2)
-    for step in (1, 2, 3):
+    m = manager(tmp_path / "a", remote=url, keep=1, keep_remote=2)
+    for step in (1, 2, 3):  # a local checkpoint that is still uploading is not pruned under the upload
         m.save("full", step, state(step))
     assert m.close() is None and m.failures == []
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["full-000000003"]
     fs = fsspec.filesystem("memory")
     root = url.removeprefix("memory://")
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)) == ["full-000000002", "full-000000003"]

@@ -186,6 +186,7 @@ class CheckpointManager:
             self.local.commit(job.kind, job.step, entries, world_size=self.world, **job.meta)
             job.record["durable_s"] = time.perf_counter() - job.started
             if self.remote is not None:
+                self.local.protected.add(self.local.path(job.kind, job.step))
                 self._uploads.put(_Job(job.kind, job.step, None, None))
 
     def _write_shared(self, job: _Job, partial: Path) -> dict[str, dict]:
@@ -209,11 +210,15 @@ class CheckpointManager:
         return out.entry()
 
     def _upload(self, job: _Job) -> None:
+        path = self.local.path(job.kind, job.step)
         try:
-            self.remote.upload(self.local.path(job.kind, job.step))
+            self.remote.upload(path)
         except Exception as e:  # noqa: BLE001 - reported and counted; the local tier still has it
             self._fail(f"upload of the {job.kind} checkpoint of step {job.step} to {self.remote.url} failed after "
                        f"{self.remote.retries} attempt(s): {type(e).__name__}: {e}")
+        finally:
+            self.local.protected.discard(path)
+            self.local.prune(job.kind)  # what this upload held back
 
     # ---- loading --------------------------------------------------------------------------------
 

@@ -81,6 +81,7 @@ class LocalTier:
 
     def __init__(self, root: str | Path, keep: dict[str, int]):
         self.root, self.keep = Path(root), keep
+        self.protected: set[Path] = set()  # not pruned yet: an upload is still reading them
 
     def path(self, kind: str, step: int) -> Path:
         return self.root / mf.checkpoint_name(kind, step)
@@ -107,7 +108,8 @@ class LocalTier:
 
     def prune(self, kind: str) -> None:
         for step in self.steps(kind)[:-self.keep[kind]]:
-            shutil.rmtree(self.path(kind, step), ignore_errors=True)
+            if self.path(kind, step) not in self.protected:
+                shutil.rmtree(self.path(kind, step), ignore_errors=True)
 
     def clean(self) -> list[str]:
         return remove_leftovers(self.root)
