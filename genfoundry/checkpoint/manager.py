@@ -6,8 +6,9 @@ all ranks are done, the manifest and the rename), and an upload thread copies it
 Under FSDP2 the sharded part goes through `torch.distributed.checkpoint.async_save`, which stages it
 itself. A failed write or upload is reported and counted, never raised into the training step.
 
-Collectives of the writer thread run on a gloo group of their own, made on every rank at construction,
-so they never meet the training step's collectives (and work beside NCCL).
+Collectives of the writer thread, and those of DCP's save thread, run on gloo groups of their own,
+made on every rank at construction, so they never meet the training step's collectives or each
+other (and work beside NCCL).
 """
 
 from __future__ import annotations
@@ -69,7 +70,10 @@ class CheckpointManager:
         self.asynchronous = asynchronous
         self.warn = warn or (lambda line: print(f"warning: {line}", file=sys.stderr, flush=True))
         self.staging = {kind: HostStaging(device) for kind in mf.KINDS}
+        # The writer thread's gathers and DCP's own save thread each have a gloo group: two threads
+        # issuing collectives on one group could meet them in another order on another rank.
         self.group = torch.distributed.new_group(backend="gloo") if accel.distributed() else None
+        self.dcp_group = torch.distributed.new_group(backend="gloo") if accel.distributed() else None
         self.failures: list[str] = []
         self.records: list[dict] = []  # per save: kind, step, stall_s, durable_s (on rank 0)
         self._pending: dict[str, _Job | None] = dict.fromkeys(mf.KINDS)
@@ -104,7 +108,7 @@ class CheckpointManager:
             from torch.distributed.checkpoint import FileSystemWriter, async_save
 
             writer = FileSystemWriter(self.local.partial(kind, step) / SHARDS, sync_files=True)
-            future = async_save(sharded, storage_writer=writer, process_group=self.group)
+            future = async_save(sharded, storage_writer=writer, process_group=self.dcp_group)
             future = getattr(future, "upload_completion", future)
         job = _Job(kind, step, staged_shared, staged_rank, future, meta, started)
         job.record = {"kind": kind, "step": step, "stall_s": None, "durable_s": None}
@@ -270,8 +274,8 @@ class CheckpointManager:
         """Fills `state` (DTensors of this world size) in place from the checkpoint's shards, resharding."""
         from torch.distributed.checkpoint import FileSystemReader, load
 
-        load(state, storage_reader=FileSystemReader(self.local.path("full", step) / SHARDS), process_group=self.group,
-             no_dist=self.group is None)
+        load(state, storage_reader=FileSystemReader(self.local.path("full", step) / SHARDS),
+             process_group=self.dcp_group, no_dist=self.dcp_group is None)
 
 
 def read_state(path: str | Path) -> dict:
