@@ -75,8 +75,11 @@ def weights_dir(run_dir: str | Path, snapshot: int | str | None = None) -> Path:
         return Path(run_dir) / "final"
     from genfoundry.checkpoint import CheckpointError, checkpoint_name, verify
 
+    from genfoundry.checkpoint.manifest import parse_name
+
     root = Path(run_dir) / "checkpoints"
-    steps = sorted(int(p.name.split("-")[1]) for p in root.glob("snapshot-*")) if root.is_dir() else []
+    parsed = [parse_name(p.name) for p in root.iterdir()] if root.is_dir() else []
+    steps = sorted(step for kind, step in filter(None, parsed) if kind == "snapshot")
     if snapshot == "latest":
         if not steps:
             raise RunError(f"'{run_dir}' has no snapshots (checkpoint.snapshot_every writes them)")
@@ -162,6 +165,7 @@ def sample(run_dir: str | Path, out_dir: str | Path | None = None, num_images: i
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be at least 1, got {value}")
     sc = run_config(run_dir).sample
+    snapshot = snapshot if snapshot is None else final_meta(run_dir, snapshot)["step"]  # "latest" once
     names = final_meta(run_dir, snapshot)["class_names"]
     unknown = [c for c in classes or [] if c not in names]
     if unknown:
@@ -211,6 +215,7 @@ def evaluate(run_dir: str | Path, num_samples: int | None = None, reference: str
     ec, sc = cfg.eval, cfg.sample
     num_samples = ec.num_samples if num_samples is None else num_samples
     resize = resize or ec.resize
+    snapshot = snapshot if snapshot is None else final_meta(run_dir, snapshot)["step"]  # "latest" once
     model, meta = load_trained(run_dir, weights, device, print_fn, snapshot)
     out = writable_directory(Path(run_dir) / "eval", RunError)
     device = str(accel.get_device(device))

@@ -126,18 +126,22 @@ class CheckpointManager:
         for staging in self.staging.values():
             staging.wait()
 
-    def wait(self) -> list[str]:
-        """Blocks until every queued save is durable locally and uploaded; the failures so far."""
+    def wait(self, uploads: bool = True) -> list[str]:
+        """Blocks until every queued save is durable locally (and, with `uploads`, uploaded); the
+        failures so far."""
         self._jobs.join()
-        self._uploads.join()
+        if uploads:
+            self._uploads.join()
         return list(self.failures)
 
-    def close(self) -> None:
-        """Waits for every save, then ends the threads and frees the host buffers."""
-        self.wait()
+    def close(self, wait: bool = True) -> None:
+        """Waits for every save (unless not `wait`: after an error, when a peer may be gone), then ends
+        the threads and frees the host buffers."""
+        if wait:
+            self.wait()
         for q in (self._jobs, self._uploads):
             q.put(None)
-        for thread in self._threads:
+        for thread in self._threads if wait else ():
             thread.join()
         self._pending = dict.fromkeys(mf.KINDS)
         self.staging = {kind: HostStaging(staging.device) for kind, staging in self.staging.items()}
@@ -166,18 +170,21 @@ class CheckpointManager:
         self.warn(line)
 
     def _write(self, job: _Job) -> None:
-        self.staging[job.kind].wait()
         files, error = {}, None
         try:
+            self.staging[job.kind].wait()
             if job.shared is not None and self.rank == 0:
                 files.update(self._write_shared(job, self.local.partial(job.kind, job.step)))
             if job.per_rank is not None:
                 path = self.local.partial(job.kind, job.step) / rank_file(self.rank)
                 files[rank_file(self.rank)] = self._write_torch(job.per_rank, path, job)
-            if job.future is not None:
-                job.future.result()
         except Exception as e:  # noqa: BLE001 - every rank still meets the others below
             error = f"rank {self.rank}: {type(e).__name__}: {e}"
+        if job.future is not None:  # DCP's collectives end before this thread's gather begins
+            try:
+                job.future.result()
+            except Exception as e:  # noqa: BLE001 - as above
+                error = error or f"rank {self.rank}: {type(e).__name__}: {e}"
         gathered = [(files, error)]
         if self.group is not None:
             gathered = [None] * self.world
@@ -250,16 +257,16 @@ class CheckpointManager:
             return local
         try:
             remote = [s for s in self.remote.complete(kind) if local is None or s > local]
-        except OSError as e:
-            self.warn(f"cannot list the remote checkpoints at {self.remote.url}: {e}")
+        except Exception as e:  # noqa: BLE001 - an unreachable remote leaves the local tier
+            self.warn(f"cannot list the remote checkpoints at {self.remote.url}: {type(e).__name__}: {e}")
             return local
         for step in reversed(remote):
             try:
                 self.remote.download(kind, step, self.local)
                 print(f"fetched the {kind} checkpoint of step {step} from {self.remote.url}", file=sys.stderr)
                 return step
-            except (OSError, CheckpointError) as e:
-                self.warn(f"skipping the remote checkpoint of step {step}: {e}")
+            except Exception as e:  # noqa: BLE001 - any remote failure: the next one, or the local tier
+                self.warn(f"skipping the remote checkpoint of step {step}: {type(e).__name__}: {e}")
         return local
 
     def path(self, kind: str, step: int) -> Path:

@@ -54,7 +54,9 @@ def init_process_group(device: torch.device, timeout_s: float) -> bool:
 
 HEARTBEAT_S = 1.0
 LOST_AFTER_S = 10.0
+STORE_MISSES = 5  # beats in a row the store does not answer before this rank gives up on it
 _heartbeat: dict = {}
+_generation = [0]
 
 
 def _store():
@@ -71,22 +73,33 @@ def start_heartbeat() -> None:
         return
     rank, world = accel.rank(), accel.world_size()
     # torchrun keeps its store across restarts: each attempt's keys are its own
-    prefix = f"genfoundry/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+    # and one process may train several runs on one store: each attempt's and each run's keys are their own
+    _generation[0] += 1
+    prefix = f"genfoundry/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{_generation[0]}/"
     store, key, stop = _store(), f"{prefix}alive/{rank}", threading.Event()
     store.add(key, 1)  # every rank's key exists before training starts
     peer = (rank + 1) % world
     watched = {"count": 0, "since": time.monotonic()}
 
     def stamp():
+        misses = 0
         while not stop.wait(HEARTBEAT_S):
             try:
                 store.add(key, 1)
-                lost = _watch(store, prefix, peer, watched)
-            except Exception:  # noqa: BLE001 - the store went with a dead rank; peers will notice
-                return
-            if lost is not None and not stop.is_set():
-                print(f"genfoundry: rank {rank} lost contact with rank {lost} (no heartbeat for {LOST_AFTER_S:g} s); "
-                      f"exiting so that the run can resume from its last checkpoint", file=sys.stderr, flush=True)
+                lost, misses = _watch(store, prefix, peer, watched), 0
+            except Exception:  # noqa: BLE001 - the store went with the rank or launcher that held it
+                misses, lost = misses + 1, None
+                if misses < STORE_MISSES or stop.is_set() or _heartbeat.get("finished"):
+                    continue
+                who = "the process group's store (rank 0 or the launcher that held it)"
+            else:
+                who = f"rank {lost}"
+            if lost is not None or misses >= STORE_MISSES:
+                if stop.is_set() or _heartbeat.get("finished"):
+                    return
+                print(f"genfoundry: rank {rank} lost contact with {who} (no answer for "
+                      f"{LOST_AFTER_S if lost is not None else STORE_MISSES * HEARTBEAT_S:g} s); exiting so that the "
+                      f"run can resume from its last checkpoint", file=sys.stderr, flush=True)
                 os._exit(1)
 
     thread = threading.Thread(target=stamp, name="genfoundry-heartbeat", daemon=True)
@@ -112,6 +125,7 @@ def _watch(store, prefix: str, peer: int, watched: dict) -> int | None:
 def mark_finished() -> None:
     """This rank ended its work normally: the peer watching it must not take its silence for death."""
     if _heartbeat:
+        _heartbeat["finished"] = True
         try:
             _heartbeat["store"].add(f"{_heartbeat['prefix']}finished/{_heartbeat['rank']}", 1)
         except Exception:  # noqa: BLE001 - nobody is left to tell

@@ -142,7 +142,11 @@ class Trainer(TrainerState):
         """Runs to `train.steps` and writes the final weights; returns the last report. After SIGTERM it
         saves a full checkpoint and returns early with {"preempted": step}."""
         with self.preemption.watching():
-            return self._train()
+            try:
+                return self._train()
+            except BaseException:
+                self.checkpoints.close(wait=False)  # a peer may be gone: do not wait on its gathers
+                raise
 
     def _train(self) -> dict:
         tc, ck = self.cfg.train, self.cfg.checkpoint
@@ -164,7 +168,9 @@ class Trainer(TrainerState):
                 last = self.report(validate=done or self.step % tc.val_every == 0)
             if fresh and tc.sample_every and self.step % tc.sample_every == 0 and self.step > 0:
                 self.sample_grid(f"grid-{self.step:07d}.png")
-            if self.step > start_step and (stop or (ck.full_every and (done or self.step % ck.full_every == 0))):
+            # Not while steps are non-finite: a rollback must find weights from before the streak.
+            periodic = ck.full_every and self.step % ck.full_every == 0 and not self.nonfinite_streak
+            if self.step > start_step and (stop or (ck.full_every and done) or periodic):
                 self.save_checkpoint("full")
             if ck.snapshot_every and self.step > start_step and self.step % ck.snapshot_every == 0:
                 self.save_checkpoint("snapshot")
@@ -187,6 +193,12 @@ class Trainer(TrainerState):
 
     def finish_preempted(self, saved: bool) -> dict:
         self.finish_checkpoints()
+        fulls = [r for r in self.checkpoints.records if r["kind"] == "full"]
+        durable = self.rank != 0 or bool(fulls and fulls[-1]["step"] == self.step and fulls[-1]["durable_s"])
+        if saved and not int(accel.all_reduce(torch.tensor([int(durable)]), "min").item()):
+            raise checkpoint.CheckpointError(f"SIGTERM: the full state of step {self.step} could not be written "
+                                             f"(the warning above says why); the run resumes from its previous "
+                                             f"checkpoint")
         what = (f"saved the full state of step {self.step}" if saved else
                 f"no step since the start at {self.step}, nothing new to save")
         self.print(f"SIGTERM: {what} within {time.monotonic() - self.preemption.since:.1f} s; run the same "

@@ -13,6 +13,7 @@ from genfoundry.checkpoint.manager import STATE, rank_file
 from genfoundry.config import ConfigError
 from genfoundry.distributed import parallel
 from genfoundry.errors import GenfoundryError
+from genfoundry.trainer.precision import DynamicLossScaler
 
 
 class TrainerState:
@@ -50,7 +51,11 @@ class TrainerState:
         if not state["sharded"]:
             self.parallel.load_full_state_dict(state)
         self.precision = state["precision"]
-        self.scaler = None if self.precision != "fp16" else self.scaler
+        if self.precision != "fp16":
+            self.scaler = None
+        elif self.scaler is None:  # back to fp16 from after a fall-back to fp32 (a rollback)
+            tc = self.cfg.train
+            self.scaler = DynamicLossScaler(tc.loss_scale_init, tc.loss_scale_growth_interval)
         if self.scaler:
             self.scaler.load_state_dict(state["scaler"])
         self.overflow_streak = state["overflow_streak"]
@@ -124,7 +129,7 @@ class TrainerState:
     def roll_back(self) -> bool:
         """Weights, optimizer, EMA and scaler back to the newest full checkpoint, keeping the step count,
         the data position and the random state, so the run goes on with the next data. False: none."""
-        self.checkpoints.wait()
+        self.checkpoints.wait(uploads=False)  # the newest local one is whole; a slow remote is not waited for
         step, images, data, rng = self.step, self.images_seen, self.loader.state_dict(), accel.rng_states(self.device)
         if not self.load_agreed_checkpoint():
             return False
