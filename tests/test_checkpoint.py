@@ -79,6 +79,7 @@ def test_the_remote_tier_keeps_k_and_gives_back_what_the_local_disk_lost(tmp_pat
     m = manager(tmp_path / "a", remote=url, keep=1, keep_remote=2)
     for step in (1, 2, 3):  # a local checkpoint that is still uploading is not pruned under the upload
         m.save("full", step, state(step))
+        m.wait(uploads=step < 3)  # (uploads still queued when a newer one comes are left to it)
     assert m.close() is None and m.failures == []
     assert [p.name for p in (tmp_path / "a").iterdir()] == ["full-000000003"]
     fs = fsspec.filesystem("memory")

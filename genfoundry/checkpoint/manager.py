@@ -56,6 +56,7 @@ class _Job:
     started: float = 0.0
     done: threading.Event = field(default_factory=threading.Event)
     record: dict = field(default_factory=dict)
+    error: str | None = None  # staging failed: the writer reports it, and still meets the other ranks
 
 
 class CheckpointManager:
@@ -77,6 +78,7 @@ class CheckpointManager:
         self.failures: list[str] = []
         self.records: list[dict] = []  # per save: kind, step, stall_s, durable_s (on rank 0)
         self._pending: dict[str, _Job | None] = dict.fromkeys(mf.KINDS)
+        self._newest_upload: dict[str, int] = dict.fromkeys(mf.KINDS, -1)
         self._jobs: queue.Queue = queue.Queue()
         self._uploads: queue.Queue = queue.Queue()
         self._threads = [threading.Thread(target=self._work, args=(self._jobs, self._write), daemon=True,
@@ -100,17 +102,19 @@ class CheckpointManager:
         previous = self._pending[kind]
         if previous is not None:  # its buffers are about to be reused: a save only waits for a slower disk
             previous.done.wait()
-        staged_shared = staged_rank = None
-        if shared is not None or per_rank is not None:
-            staged_shared, staged_rank = self.staging[kind].stage([shared, per_rank])
-        future = None
-        if sharded is not None:
-            from torch.distributed.checkpoint import FileSystemWriter, async_save
+        staged_shared = staged_rank = future = error = None
+        try:
+            if shared is not None or per_rank is not None:
+                staged_shared, staged_rank = self.staging[kind].stage([shared, per_rank])
+            if sharded is not None:
+                from torch.distributed.checkpoint import FileSystemWriter, async_save
 
-            writer = FileSystemWriter(self.local.partial(kind, step) / SHARDS, sync_files=True)
-            future = async_save(sharded, storage_writer=writer, process_group=self.dcp_group)
-            future = getattr(future, "upload_completion", future)
-        job = _Job(kind, step, staged_shared, staged_rank, future, meta, started)
+                writer = FileSystemWriter(self.local.partial(kind, step) / SHARDS, sync_files=True)
+                future = async_save(sharded, storage_writer=writer, process_group=self.dcp_group)
+                future = getattr(future, "upload_completion", future)
+        except (OSError, RuntimeError) as e:  # out of host memory, a full or read-only disk
+            error = f"rank {self.rank}: {type(e).__name__}: {e}"
+        job = _Job(kind, step, staged_shared, staged_rank, future, meta, started, error=error)
         job.record = {"kind": kind, "step": step, "stall_s": None, "durable_s": None}
         self.records.append(job.record)
         self._pending[kind] = job
@@ -170,14 +174,10 @@ class CheckpointManager:
         self.warn(line)
 
     def _write(self, job: _Job) -> None:
-        files, error = {}, None
+        files, error = {}, job.error
         try:
-            self.staging[job.kind].wait()
-            if job.shared is not None and self.rank == 0:
-                files.update(self._write_shared(job, self.local.partial(job.kind, job.step)))
-            if job.per_rank is not None:
-                path = self.local.partial(job.kind, job.step) / rank_file(self.rank)
-                files[rank_file(self.rank)] = self._write_torch(job.per_rank, path, job)
+            if error is None:
+                self._write_files(job, files)
         except Exception as e:  # noqa: BLE001 - every rank still meets the others below
             error = f"rank {self.rank}: {type(e).__name__}: {e}"
         if job.future is not None:  # DCP's collectives end before this thread's gather begins
@@ -198,7 +198,17 @@ class CheckpointManager:
             job.record["durable_s"] = time.perf_counter() - job.started
             if self.remote is not None:
                 self.local.protected.add(self.local.path(job.kind, job.step))
+                self._newest_upload[job.kind] = job.step
                 self._uploads.put(_Job(job.kind, job.step, None, None))
+
+    def _write_files(self, job: _Job, files: dict) -> None:
+        """This rank's files of one save, into the partial directory; their entries go into `files`."""
+        self.staging[job.kind].wait()
+        if job.shared is not None and self.rank == 0:
+            files.update(self._write_shared(job, self.local.partial(job.kind, job.step)))
+        if job.per_rank is not None:
+            path = self.local.partial(job.kind, job.step) / rank_file(self.rank)
+            files[rank_file(self.rank)] = self._write_torch(job.per_rank, path, job)
 
     def _write_shared(self, job: _Job, partial: Path) -> dict[str, dict]:
         if job.kind == "full":
@@ -223,6 +233,8 @@ class CheckpointManager:
     def _upload(self, job: _Job) -> None:
         path = self.local.path(job.kind, job.step)
         try:
+            if job.step < self._newest_upload[job.kind]:
+                return  # a newer one of its kind is queued: a slow remote gets the newest, the disk stays bounded
             self.remote.upload(path)
         except Exception as e:  # noqa: BLE001 - reported and counted; the local tier still has it
             self._fail(f"upload of the {job.kind} checkpoint of step {job.step} to {self.remote.url} failed after "
