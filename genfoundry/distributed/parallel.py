@@ -72,8 +72,8 @@ def start_heartbeat() -> None:
     if accel.world_size() <= 1:
         return
     rank, world = accel.rank(), accel.world_size()
-    # torchrun keeps its store across restarts: each attempt's keys are its own
-    # and one process may train several runs on one store: each attempt's and each run's keys are their own
+    # torchrun keeps its store across restarts, and one process may train several runs on one store:
+    # each attempt's and each run's keys are their own
     _generation[0] += 1
     prefix = f"genfoundry/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{_generation[0]}/"
     store, key, stop = _store(), f"{prefix}alive/{rank}", threading.Event()
