@@ -68,14 +68,13 @@ def train(cfg: Config, print_fn=print) -> dict:
             parallel.destroy_process_group()
 
 
-def weights_dir(run_dir: str | Path, snapshot: int | str | None = None) -> Path:
+def weights_dir(run_dir: str | Path, snapshot: int | str | None = None, checksums: bool = False) -> Path:
     """Where a run's weights to sample are: RUN/final, or with `snapshot` (a step, or "latest") the EMA
-    snapshot RUN/checkpoints/snapshot-NNNNNNNNN that training wrote, checked against its manifest."""
+    snapshot RUN/checkpoints/snapshot-NNNNNNNNN that training wrote, checked against its manifest
+    (file sizes; with `checksums`, as `load_trained` asks once, their SHA-256 too)."""
     if snapshot is None:
         return Path(run_dir) / "final"
-    from genfoundry.checkpoint import CheckpointError, checkpoint_name, verify
-
-    from genfoundry.checkpoint.manifest import parse_name
+    from genfoundry.checkpoint.manifest import CheckpointError, checkpoint_name, parse_name, verify
 
     root = Path(run_dir) / "checkpoints"
     parsed = [parse_name(p.name) for p in root.iterdir()] if root.is_dir() else []
@@ -88,7 +87,7 @@ def weights_dir(run_dir: str | Path, snapshot: int | str | None = None) -> Path:
     if not path.is_dir():
         raise RunError(f"'{run_dir}' has no snapshot of step {snapshot}; it has {steps or 'none'}")
     try:
-        verify(path)
+        verify(path, checksums)
     except CheckpointError as e:
         raise RunError(f"the snapshot cannot be used: {e}") from None
     return path
@@ -117,7 +116,7 @@ def load_trained(run_dir: str | Path, weights: str = "auto", device: str = "auto
     a short run the EMA can still hold the early weights."""
     if weights not in ("auto", "ema", "model"):
         raise RunError(f"weights must be 'auto', 'ema' or 'model', got '{weights}'")
-    final, meta = weights_dir(run_dir, snapshot), final_meta(run_dir, snapshot)
+    final, meta = weights_dir(run_dir, snapshot, checksums=True), final_meta(run_dir, snapshot)
     if weights == "auto" and snapshot is not None:
         weights = "ema"  # a snapshot holds the EMA only
     elif weights == "auto":
@@ -165,8 +164,9 @@ def sample(run_dir: str | Path, out_dir: str | Path | None = None, num_images: i
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be at least 1, got {value}")
     sc = run_config(run_dir).sample
-    snapshot = snapshot if snapshot is None else final_meta(run_dir, snapshot)["step"]  # "latest" once
-    names = final_meta(run_dir, snapshot)["class_names"]
+    before = final_meta(run_dir, snapshot)
+    snapshot = snapshot if snapshot is None else before["step"]  # "latest" resolved once
+    names = before["class_names"]
     unknown = [c for c in classes or [] if c not in names]
     if unknown:
         raise ConfigError(f"--class {', '.join(repr(c) for c in unknown)}: not a class of this run, whose classes "
@@ -215,7 +215,7 @@ def evaluate(run_dir: str | Path, num_samples: int | None = None, reference: str
     ec, sc = cfg.eval, cfg.sample
     num_samples = ec.num_samples if num_samples is None else num_samples
     resize = resize or ec.resize
-    snapshot = snapshot if snapshot is None else final_meta(run_dir, snapshot)["step"]  # "latest" once
+    snapshot = snapshot if snapshot is None else final_meta(run_dir, snapshot)["step"]  # "latest" resolved once
     model, meta = load_trained(run_dir, weights, device, print_fn, snapshot)
     out = writable_directory(Path(run_dir) / "eval", RunError)
     device = str(accel.get_device(device))

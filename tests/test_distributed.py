@@ -15,7 +15,7 @@ from genfoundry.api import train
 from genfoundry.distributed import parallel
 
 from conftest import ROOT
-from multiproc import free_port, run_ranks
+from multiproc import free_port, rank_env as _rank_env, run_ranks
 
 QUIET = lambda *a, **k: None  # noqa: E731
 TINY = {"train.val_batch_size": 16, "train.log_every": 1, "train.val_every": 3, "train.sample_every": 0,
@@ -125,9 +125,6 @@ def test_fp16_overflows_skip_steps_then_switch_the_run_to_fp32(tmp_path):
     assert any(not torch.equal(before[k], state["model"][k]) for k in before)  # fp32 steps did train
 
 
-def _rank_env(rank, world, port):
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world)}
 
 
 # Rank 0 busy for minutes in work of its own (as in a long synchronous write) when rank 1 dies: no

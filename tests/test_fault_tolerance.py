@@ -2,7 +2,6 @@
 a full checkpoint and exit 0; NaN steps are skipped, and after N in a row the run rolls back."""
 
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -14,17 +13,11 @@ import torch
 from genfoundry import checkpoint, config, metrics
 from genfoundry.trainer import Trainer
 
-from conftest import ROOT
-from multiproc import free_port
+from multiproc import free_port, rank_env as _rank_env
 
 TINY = {"train.global_batch_size": 8, "train.val_batch_size": 16, "train.log_every": 1, "train.val_every": 1000,
         "train.sample_every": 0, "train.warmup_steps": 1, "sample.steps": 1, "sample.per_class": 1,
         "sample.sampler": "euler", "run.threads": 1}
-
-
-def _rank_env(rank, world, port):
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world)}
 
 
 @pytest.mark.timeout(240)
