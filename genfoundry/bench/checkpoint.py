@@ -305,9 +305,15 @@ def run(device: str = "auto", preset: str | None = None, params: float | None = 
             f"{n_params:,} parameters; state {state_bytes / 1e9:.3g} GB (weights, AdamW moments, EMA); "
             f"batch {batch_size} of {net.in_channels}x{net.image_size}x{net.image_size}, {precision}")
         say(f"saves before steps {', '.join(map(str, at))} of {steps}, after {warmup} warm-up step(s), in {root}")
-        results = {}
+        results, failed = {}, {}
         for method in methods:
-            results[method] = measure(bench, method, root / method, steps, every, warmup)
+            try:
+                results[method] = measure(bench, method, root / method, steps, every, warmup)
+            except Exception as e:  # noqa: BLE001 - a baseline that this torch cannot run is reported
+                if method == "genfoundry":
+                    raise  # ours keeps its traceback
+                failed[method] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                say(f"{LABELS[method]}: failed on torch {torch.__version__} ({failed[method]}); left out")
             free_host_memory(dev)
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -316,7 +322,7 @@ def run(device: str = "auto", preset: str | None = None, params: float | None = 
               "torch": torch.__version__, "model": model_name, "arch": net.to_dict(), "parameters": n_params,
               "state_bytes": state_bytes, "batch_size": batch_size, "precision": precision, "steps": steps,
               "every": every, "warmup_steps": warmup, "save_steps": at,
-              "methods": results, "ratios": ratios, "targets": targets,
+              "methods": results, "failed": failed, "ratios": ratios, "targets": targets,
               "notes": ["stall: the step with the save minus the median step without one, of the same method",
                         "ratios take each median stall as at least its method's step jitter (noise)",
                         "settle_s: untimed waits until the previous checkpoint was durable, before each save"]}
