@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import functools
 import gzip
 import importlib.util
 import os
@@ -52,6 +54,76 @@ class ImageSet:
 
     def __len__(self) -> int:
         return len(self.images)
+
+
+def read_table(path: Path) -> tuple[list[dict], list[str]]:
+    """The rows and column names of a .csv or .parquet list of images."""
+    if path.suffix.lower() == ".csv":
+        try:
+            with open(path, newline="", encoding="utf-8-sig") as f:
+                reader = csv.DictReader(f)
+                rows = list(reader)
+                return rows, list(reader.fieldnames or [])
+        except (OSError, UnicodeDecodeError, csv.Error) as e:
+            raise SourceError(f"'{path}' is not a readable CSV file: {e}") from None
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise SourceError(f"reading '{path}' needs pyarrow: pip install 'genfoundry[parquet]'") from None
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises its own error types for a file that is not Parquet
+        raise SourceError(f"'{path}' is not a readable Parquet file: {type(e).__name__}: {e}") from None
+    return table.to_pylist(), list(table.column_names)
+
+
+TAR_MEMBER = "::"  # 'archive.tar::member/name.jpg' names a member of an uncompressed tar
+
+
+def split_member(source: str) -> tuple[str, str | None]:
+    """(file path, tar member name or None) of an input's source."""
+    archive, sep, member = source.partition(TAR_MEMBER)
+    return (archive, member) if sep and archive.lower().endswith(".tar") else (source, None)
+
+
+@functools.lru_cache(maxsize=8)
+def _tar_members(path: str, size: int, mtime_ns: int) -> dict[str, tuple[int, int]]:
+    import tarfile
+
+    with tarfile.open(path, "r:") as tar:
+        return {m.name: (m.offset_data, m.size) for m in tar if m.isfile()}
+
+
+def tar_members(path: str) -> dict[str, tuple[int, int]]:
+    """{member name: (data offset, size)} of the regular files of an uncompressed tar, read once per
+    version of the file; a tar that cannot be read raises OSError or tarfile.TarError."""
+    stat = os.stat(path)
+    return _tar_members(path, stat.st_size, stat.st_mtime_ns)
+
+
+def read_input(source: str, at: tuple[int, int] | None = None) -> bytes:
+    """The bytes of an input file, or of a tar member ('x.tar::name'; `at`, its (offset, size), saves the
+    lookup). Raises OSError (FileNotFoundError when it vanished) as reading a file does."""
+    path, member = split_member(source)
+    if member is None:
+        with open(path, "rb") as f:
+            return f.read()
+    if at is None:
+        import tarfile
+
+        try:
+            at = tar_members(path)[member]
+        except tarfile.TarError as e:
+            raise OSError(f"cannot read the tar '{path}': {e}") from None
+        except KeyError:
+            raise FileNotFoundError(f"'{member}' is not a member of '{path}'") from None
+    offset, size = at
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read(size)
+    if len(data) != size:
+        raise OSError(f"'{source}' ends after {len(data)} of its {size} bytes")
+    return data
 
 
 def _package_file(package: str, relative: str, install_hint: str) -> Path:
@@ -170,12 +242,14 @@ def _could_be_input(name: str) -> bool:
     return suffix in IMAGE_SUFFIXES or not suffix  # no suffix: perhaps a class folder
 
 
-def _walk(root: Path) -> tuple[list[str], dict[str, str], dict[str, int]]:
+def walk(root: Path, every_file: bool = False) -> tuple[list[str], dict[str, str], dict[str, int]]:
     """Relative paths of the image files under `root` (symbolic links followed), what was left out, and
     how many other files there are by suffix (not hidden ones): a .heic photo is not read, and is counted.
 
     A folder that cannot be listed is an error rather than a left-out entry: its files, perhaps a whole
-    class, would be missing without a trace of how many."""
+    class, would be missing without a trace of how many. With `every_file` (curation, which judges files
+    by their content and gives each a row) every file is listed whatever its name, and a folder that
+    cannot be listed is a left-out entry of its own."""
     files, left_out, ignored = [], {}, Counter()
 
     def visit(folder: Path, prefix: str, ancestors: frozenset[str]) -> None:
@@ -183,6 +257,9 @@ def _walk(root: Path) -> tuple[list[str], dict[str, str], dict[str, int]]:
             with os.scandir(folder) as it:
                 entries = sorted(it, key=lambda e: e.name)
         except OSError as e:
+            if every_file and folder != root:
+                left_out[str(folder)] = f"unreadable folder: {e.strerror or e}"
+                return
             raise SourceError(f"cannot read the folder '{folder}' ({e.strerror or e}); make it readable or move "
                               f"it out of '{root}'") from None
         for entry in entries:
@@ -191,11 +268,11 @@ def _walk(root: Path) -> tuple[list[str], dict[str, str], dict[str, int]]:
                 is_dir = entry.is_dir()  # follows symbolic links; False for a broken one
                 is_file = not is_dir and entry.is_file()
             except OSError as e:  # a link to itself, or a cycle of links
-                if _could_be_input(entry.name):
+                if every_file or _could_be_input(entry.name):
                     left_out[entry.path] = f"symbolic link loop: {e.strerror or e}"
                 continue
             if entry.is_symlink() and not (is_dir or is_file) and not os.path.exists(entry.path):
-                if _could_be_input(entry.name):
+                if every_file or _could_be_input(entry.name):
                     left_out[entry.path] = f"broken symbolic link to '{os.readlink(entry.path)}', which does not exist"
             elif is_dir:
                 real = os.path.realpath(entry.path)
@@ -203,7 +280,7 @@ def _walk(root: Path) -> tuple[list[str], dict[str, str], dict[str, int]]:
                     left_out[entry.path] = f"symbolic link loop: leads back to '{real}'"
                 else:
                     visit(Path(entry.path), rel + "/", ancestors | {real})
-            elif is_file and Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
+            elif is_file and (every_file or Path(entry.name).suffix.lower() in IMAGE_SUFFIXES):
                 files.append(rel)
             elif is_file and not entry.name.startswith("."):
                 ignored[Path(entry.name).suffix.lower() or "(no suffix)"] += 1
@@ -220,7 +297,7 @@ def list_folder(root: str | Path) -> FolderListing:
     root = Path(os.path.abspath(os.path.expanduser(root)))
     if not root.is_dir():
         raise SourceError(f"image folder '{root}' does not exist")
-    rels, left_out, ignored = _walk(root)
+    rels, left_out, ignored = walk(root)
     if not rels:
         raise SourceError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under '{root}'"
                           + (f"; {len(left_out)} broken or looping links left out" if left_out else ""))

@@ -50,7 +50,7 @@ def test_genfoundry_error_raised_anywhere_becomes_one_line(monkeypatch, capsys):
 def test_every_error_class_is_a_genfoundry_error():
     from genfoundry import api, checkpoint, config, sources
     from genfoundry.data.decode import DecodeError
-    from genfoundry.eval.features import FeatureExtractorError
+    from genfoundry.features import FeatureExtractorError
     from genfoundry.shards.index import ShardError
 
     assert config.ConfigError is errors.ConfigError

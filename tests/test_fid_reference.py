@@ -14,7 +14,7 @@ from PIL import Image
 from genfoundry import cli, config
 from genfoundry.api import train
 from genfoundry.eval import evaluate, fid, prepare, resolve
-from genfoundry.eval.features import RESIZES, network_sha256
+from genfoundry.features import RESIZES, network_sha256
 from genfoundry.sources import load_folder
 
 DEFAULT = "pil-bicubic-uint8"

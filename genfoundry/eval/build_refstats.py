@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from genfoundry.config import EvalConfig
-from genfoundry.eval.features import InceptionFeatures, prepare
+from genfoundry.features import InceptionFeatures, prepare
 from genfoundry.eval.fid import FeatureStats, feature_stats, stats_paths
 from genfoundry.eval.reference import Reference, images, resolve
 

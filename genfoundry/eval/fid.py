@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import scipy.linalg
 
 from genfoundry.errors import ConfigError
-from genfoundry.eval.features import FEATURE_DIM, DEFAULT_RESIZE, InceptionFeatures, to_nhwc_uint8
+from genfoundry.features import FEATURE_DIM, DEFAULT_RESIZE, InceptionFeatures, frechet_distance, to_nhwc_uint8
 from genfoundry.eval.reference import Reference, resolve
 from genfoundry.eval.reference import images as reference_images
 from genfoundry.sources import SourceError
@@ -87,32 +86,6 @@ def feature_stats(features: np.ndarray, source: str = "", kid_images: int = KID_
     features = np.asarray(features, dtype=np.float64)
     kid = features[np.random.default_rng(0).permutation(len(features))[:kid_images]] if kid_images else None
     return FeatureStats(features.mean(0), np.cov(features, rowvar=False), len(features), source, kid)
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6, features1=None) -> float:
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)).
-
-    Given `features1`, the n rows S1 was computed from, and n <= d, Tr (S1 S2)^(1/2) is taken exactly
-    from the n x n matrix G S2 G^T, G = (features1 - mu1) / sqrt(n - 1): its eigenvalues are the non-zero
-    ones of S1 S2 = G^T G S2. That takes a second where sqrtm of the singular d x d product takes tens.
-    """
-    diff = mu1 - mu2
-    if features1 is not None and len(features1) <= len(mu1):
-        g = (np.asarray(features1, np.float64) - mu1) / np.sqrt(len(features1) - 1)
-        small = g @ sigma2 @ g.T
-        eigenvalues = np.linalg.eigvalsh((small + small.T) / 2)
-        trace_covmean = float(np.sqrt(np.clip(eigenvalues, 0, None)).sum())
-        return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_covmean)
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
-        # Near-singular product (fewer samples than dimensions): regularise both, as is customary.
-        offset = np.eye(len(mu1)) * eps
-        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"matrix square root has a large imaginary part ({np.abs(covmean.imag).max():.3g})")
-        covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
 def kernel_inception_distance(feats1, feats2, num_subsets: int = 100, subset_size: int = 1000,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from genfoundry.eval.features import check_resize, network_sha256
+from genfoundry.features import check_resize, network_sha256
 from genfoundry.sources import SOURCES, SourceError
 
 
@@ -29,7 +29,7 @@ class Reference:
     content: str         # what the images are: name:split, or a hash of the files or shard checksums
     resolution: int      # image side in pixels before the resize to 299
     channels: int        # 1 or 3
-    resize: str          # genfoundry.eval.features.RESIZES key
+    resize: str          # genfoundry.features.RESIZES key
     network_sha256: str  # SHA-256 of the feature network file
     max_images: int = 0  # the first N images only (0: all)
 

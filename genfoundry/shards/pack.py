@@ -8,7 +8,6 @@ again therefore redoes only what is missing or stale.
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import os
@@ -26,7 +25,7 @@ from genfoundry.shards.index import (FAILURES_NAME, FORMAT_VERSION, INDEX_NAME, 
 from genfoundry.checkpoint.storage import atomic_writer, write_atomic
 from genfoundry.errors import writable_directory
 from genfoundry.sources import (SOURCES, SourceError, as_8bit, center_crop_resize, channels_of, failure_reason,
-                                ignored_note, list_folder, load_images, orientation)
+                                ignored_note, list_folder, load_images, orientation, read_input, read_table)
 
 FORMATS = ("keep", "jpeg", "png")
 SMALL_SIDE = 64  # at or below this side, JPEG artefacts are a large share of the signal: store PNG
@@ -97,26 +96,6 @@ def list_inputs(src: str) -> Inputs:
                      f"column, or one of {', '.join(f'{s}[:split]' for s in sorted(SOURCES))}")
 
 
-def _read_rows(path: Path) -> tuple[list[dict], list[str]]:
-    if path.suffix.lower() == ".csv":
-        try:
-            with open(path, newline="", encoding="utf-8-sig") as f:
-                reader = csv.DictReader(f)
-                rows = list(reader)
-                return rows, list(reader.fieldnames or [])
-        except (OSError, UnicodeDecodeError, csv.Error) as e:
-            raise ShardError(f"'{path}' is not a readable CSV file: {e}") from None
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise ShardError(f"reading '{path}' needs pyarrow: pip install 'genfoundry[parquet]'") from None
-    try:
-        table = pq.read_table(path)
-    except Exception as e:  # pyarrow raises its own error types for a file that is not Parquet
-        raise ShardError(f"'{path}' is not a readable Parquet file: {type(e).__name__}: {e}") from None
-    return table.to_pylist(), list(table.column_names)
-
-
 def _as_int(value) -> int | None:
     """An integer label written as 3, 3.0 or "3"; None for a class name."""
     if isinstance(value, bool):
@@ -131,7 +110,10 @@ def _as_int(value) -> int | None:
 
 
 def _list_file(path: Path) -> Inputs:
-    rows, columns = _read_rows(path)
+    try:
+        rows, columns = read_table(path)
+    except SourceError as e:
+        raise ShardError(str(e)) from None
     if "path" not in columns:
         raise ShardError(f"'{path}' has no 'path' column (its columns: {', '.join(columns) or 'none'})")
     if not rows:
@@ -204,8 +186,7 @@ def encode(item: Input, array: np.ndarray | None, resolution: int | None, image_
     if array is not None:
         image, data, kind = Image.fromarray(array[..., 0] if array.shape[2] == 1 else array), None, "PNG"
     else:
-        with open(item.source, "rb") as f:
-            data = f.read()
+        data = read_input(item.source)
         image = Image.open(io.BytesIO(data))
         kind = image.format
         reason = _reencode_reason(image, kind)

@@ -1,0 +1,119 @@
+"""The decisions that need every slice: semantic thresholds, semantic dedup, the quality Gaussian."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from genfoundry.config import CurateConfig
+from genfoundry.curation import quality
+from genfoundry.curation.basic import drop
+from genfoundry.curation.inputs import Item, display, list_sources
+
+
+def _reference_features(cfg: CurateConfig, device: str, ex, progress: bool) -> tuple[np.ndarray, str]:
+    """TF-Inception features of the quality reference folder, computed once and kept under work/."""
+    from genfoundry.curation import manifest
+    from genfoundry.curation.deep import Job, Models, score_slice
+    from genfoundry.curation.run import _identity, _progress, recipe
+
+    items = list_sources([cfg.quality.reference]).items
+    key = recipe("reference", 1, [_identity(i) for i in items])
+    cached = manifest.read_reference(ex.work, key)
+    if cached is not None:
+        return cached, cfg.quality.reference
+    with _progress(len(items), 0, "curate: quality reference", progress) as bar:
+        scores = score_slice(items, Job([], True), Models([], True, device), ex.pool, cfg.quality.batch_size,
+                             progress=bar.update)
+    features = scores["features"][np.isfinite(scores["features"][:, 0])] if "features" in scores else np.empty((0, 1))
+    if len(features) < 2:
+        from genfoundry.curation.inputs import CurateError
+
+        raise CurateError(f"the quality reference '{cfg.quality.reference}' has {len(features)} readable images; "
+                          f"it needs at least 2")
+    manifest.write_reference(ex.work, key, features)
+    return features, cfg.quality.reference
+
+
+def finish(flat: list[dict], unlisted: list[tuple[str, str, str]], scores: list[dict] | None,
+           slices: list[list[Item]], filters: list, cfg: CurateConfig, device: str, ex, progress: bool) -> dict:
+    """Every row with its final decision, and what the quality stage measured."""
+    stages = [s.strip() for s in cfg.run.stages.split(",")]
+    report: dict = {}
+    features = embeddings = None
+    if scores is not None:
+        names = [k for k in scores[0] if k.startswith(("score_", "embed_", "features"))] if scores else []
+        offsets = np.cumsum([0] + [len(s) for s in slices])
+        dims = {}
+        for part in scores:
+            for key in names:
+                if key in part:
+                    dims[key] = part[key].shape[1:]
+        arrays = {key: np.full((len(flat), *dims.get(key, ())), np.nan, np.float32) for key in dims}
+        for k, part in enumerate(scores):
+            at = offsets[k] + part["index"]
+            for key in arrays:
+                if key in part:
+                    arrays[key][at] = part[key]
+            for j, reason in part["failures"].items():
+                row = flat[offsets[k] + part["index"][j]]
+                kind, _, message = reason.partition(": ")
+                drop(row, kind, message or "gone since stage 1")
+                row["stage"] = "semantic" if "semantic" in stages else "quality"
+        for f in filters:
+            column = arrays[f"score_{f.name}"]
+            for i, row in enumerate(flat):
+                if np.isfinite(column[i]):
+                    row[f"score_{f.name}"] = float(column[i])
+                if row["decision"] == "keep" and f.drops(np.float32(column[i])):
+                    drop(row, f.reason, f.message(float(column[i])))
+                    row["stage"] = "semantic"
+        embed_key = f"embed_{cfg.semantic.dedup_embedder}"
+        if "semantic" in stages and cfg.semantic.dedup:
+            if embed_key not in arrays:
+                from genfoundry.curation.inputs import CurateError
+
+                raise CurateError(f"semantic.dedup_embedder '{cfg.semantic.dedup_embedder}' is not an embedding "
+                                  f"filter among semantic.filters ({cfg.semantic.filters}); set "
+                                  f"semantic.dedup=false or add it")
+            embeddings = arrays[embed_key]
+            alive = [i for i, r in enumerate(flat) if r["decision"] == "keep"]
+            dup = quality.semantic_duplicates(embeddings[alive], cfg.semantic.dedup_similarity,
+                                              cfg.semantic.dedup_clusters, cfg.run.seed, device)
+            for a, d in enumerate(dup):
+                if d >= 0:
+                    row, original = flat[alive[a]], flat[alive[d]]
+                    similarity = float(np.dot(embeddings[alive[a]], embeddings[alive[d]])
+                                       / max(np.linalg.norm(embeddings[alive[a]]) * np.linalg.norm(embeddings[alive[d]]), 1e-12))
+                    drop(row, "semantic-duplicate", f"cosine similarity {similarity:.3f} to {original['source']} "
+                                                    f"(semantic.dedup_similarity {cfg.semantic.dedup_similarity:g})")
+                    row["duplicate_of"] = original["source"]
+                    row["stage"] = "semantic"
+            report["semantic_duplicates"] = int((dup >= 0).sum())
+        features = arrays.get("features")
+    if "quality" in stages and features is not None:
+        alive = np.array([i for i, r in enumerate(flat) if r["decision"] == "keep"], dtype=np.int64)
+        if len(alive) >= 2:
+            candidates = features[alive].astype(np.float64)
+            if cfg.quality.reference:
+                ref, where = _reference_features(cfg, device, ex, progress)
+            else:
+                ref, where = candidates, "the collection itself"
+            mu, sigma, chol = quality.fit(ref, cfg.quality.shrinkage)
+            distances = quality.mahalanobis(candidates, mu, chol)
+            keep, cut = quality.select(distances, cfg.quality.keep_quantile, cfg.quality.max_distance)
+            for a, i in enumerate(alive):
+                flat[i]["mahalanobis"] = float(distances[a])
+                if not keep[a]:
+                    drop(flat[i], "low-density", f"Mahalanobis distance {distances[a]:.4g} to the reference is above "
+                                                 f"the cut {cut:.4g}")
+                    flat[i]["stage"] = "quality"
+            ref_mu, ref_sigma = np.asarray(ref, np.float64).mean(0), np.cov(np.asarray(ref, np.float64), rowvar=False)
+            report.update(quality.compare(candidates, keep, ref_mu, ref_sigma, cfg.run.seed),
+                          reference=where, num_reference=len(ref), cut=cut, num_candidates=len(alive))
+    last = stages[-1]
+    for row in flat:
+        if row["decision"] == "keep":
+            row["stage"] = last
+    rows = [{"source": display(s), "stage": "list", "decision": "drop", "reason": reason, "message": message}
+            for s, reason, message in unlisted] + flat
+    return {"rows": rows, "quality": report, "filters": [f.name for f in filters], "embeddings": embeddings}

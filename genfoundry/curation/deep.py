@@ -1,0 +1,136 @@
+"""Stages 2 and 3 on a slice: decode each survivor once on CPU workers, then batch every model on the
+accelerator: the semantic filters' scores and embeddings, and TF-Inception features for the quality stage.
+
+Only scores are stored, never decisions: thresholds are applied afterwards (`decide`), so changing one
+and running again redoes no model work.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+
+from genfoundry.curation.filters import ImageFilter, square
+from genfoundry.curation.inputs import Item
+from genfoundry.sources import as_8bit, failure_reason, read_input
+
+INCEPTION_SIDE = 299
+
+
+@dataclass
+class Job:
+    """What the decode workers need: the filters (without their models) and whether to make the
+    299 px view for TF-Inception."""
+
+    filters: list[ImageFilter]
+    inception: bool
+
+
+def upright(data: bytes):
+    """An input's bytes as the upright 8-bit RGB image every stage sees (stage 1 made sure it decodes)."""
+    from PIL import Image
+
+    from genfoundry.curation.basic import own_pixel_limit
+
+    with own_pixel_limit():
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    return as_8bit(image, channels=3)
+
+
+def decode_chunk(args: tuple[list[Item], Job]) -> list[dict | str]:
+    """Each item's model inputs by view name, or the reason it could not be read this time."""
+    items, job = args
+    out = []
+    for item in items:
+        try:
+            image = upright(read_input(item.source, item.at))
+        except FileNotFoundError:
+            out.append("vanished")
+            continue
+        except Exception as e:  # the file changed since stage 1: recorded, the others go on
+            out.append(f"decode-error: {failure_reason(e)}")
+            continue
+        views = {f.name: f.prepare(image) for f in job.filters}
+        if job.inception:
+            views["inception"] = square(image, INCEPTION_SIDE, "bicubic")
+        out.append(views)
+    return out
+
+
+class Models:
+    """The loaded models of one process: the filters, and TF-Inception on `device`."""
+
+    def __init__(self, filters: list[ImageFilter], inception: bool, device: str):
+        self.filters = filters
+        self.net = None
+        if inception:
+            from genfoundry.features import InceptionFeatures
+
+            self.net = InceptionFeatures(device)
+        self.device = device
+
+    def run(self, views: list[dict]) -> dict[str, np.ndarray]:
+        """One batch: `score_<name>` [N] per filter, `embed_<name>` [N, D] where a filter embeds, and
+        `features` [N, 2048] (float32) for the quality stage."""
+        import torch
+
+        out = {}
+        for f in self.filters:
+            result = f.score(np.stack([v[f.name] for v in views]))
+            if f.embeds:
+                result, embeddings = result
+                out[f"embed_{f.name}"] = np.asarray(embeddings, np.float16)
+            out[f"score_{f.name}"] = np.asarray(result, np.float32)
+        if self.net is not None:
+            batch = torch.from_numpy(np.stack([v["inception"] for v in views])).to(self.device)
+            x = (batch.permute(0, 3, 1, 2).float() - 128.0) / 128.0  # the network's input range
+            out["features"] = self.net.forward(x).astype(np.float32)
+        return out
+
+
+def score_slice(items: list[Item], job: Job, models: Models, pool, batch_size: int, progress=None) -> dict:
+    """Scores and features of `items`, in order; rows that failed to decode have their reason in
+    'failures' (index -> reason) and NaN scores."""
+    chunk = 8
+    chunks = [(items[i:i + chunk], job) for i in range(0, len(items), chunk)]
+    results = pool.imap(decode_chunk, chunks) if pool is not None else map(decode_chunk, chunks)
+    parts: dict[str, list[np.ndarray]] = {}
+    order: list[int] = []
+    failures: dict[int, str] = {}
+    pending: list[dict] = []
+    pending_at: list[int] = []
+
+    def flush():
+        for key, value in models.run(pending).items():
+            parts.setdefault(key, []).append(value)
+        order.extend(pending_at)
+        if progress:
+            progress(len(pending))
+        pending.clear()
+        pending_at.clear()
+
+    index = 0
+    for decoded in results:
+        for views in decoded:
+            if isinstance(views, str):
+                failures[index] = views
+                if progress:
+                    progress(1)
+            else:
+                pending.append(views)
+                pending_at.append(index)
+                if len(pending) == batch_size:
+                    flush()
+            index += 1
+    if pending:
+        flush()
+    out = {"failures": failures}
+    for key, values in parts.items():
+        stacked = np.concatenate(values)
+        full = np.full((len(items), *stacked.shape[1:]), np.nan, dtype=stacked.dtype)
+        full[order] = stacked
+        out[key] = full
+    return out

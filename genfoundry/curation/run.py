@@ -1,0 +1,202 @@
+"""`curate()`: list the inputs, run the stages slice by slice, decide, and write the manifest.
+
+The inputs, sorted, are cut into slices of `run.slice_size`. Each stage's work on a slice is a part
+file under DIR/work/ named by the slice and stamped with a recipe (the slice's inputs and the options
+the work depends on), so running again redoes only missing or stale parts, and torchrun ranks or Ray
+tasks can each take their own slices. Decisions that need every slice (dedup, thresholds, the quality
+Gaussian) are made afterwards from the parts, which hold facts and scores but no thresholds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from genfoundry.config import CurateConfig
+from genfoundry.curation import basic, manifest
+from genfoundry.curation.deep import Job, Models, score_slice
+from genfoundry.curation.inputs import CurateError, Item, display, list_sources
+from genfoundry.errors import writable_directory
+
+WORK = "work"
+
+
+def recipe(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _identity(item: Item) -> list:
+    if item.at is not None:
+        return [item.source, *item.at]
+    try:
+        stat = os.stat(item.source)
+        return [item.source, stat.st_size, stat.st_mtime_ns]
+    except OSError:
+        return [item.source, None, None]
+
+
+def _examine_chunk(args: tuple[list[Item], object]) -> list[dict]:
+    items, rules = args
+    return [basic.examine(item, rules) for item in items]
+
+
+class Executor:
+    """Where slices run: this process with a pool of decode workers, one of several torchrun ranks
+    (each takes every world-th slice), or Ray tasks."""
+
+    def __init__(self, workers: int):
+        self.workers = workers or os.cpu_count() or 1
+        self.rank, self.world = 0, 1
+        self.group = None
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                dist.init_process_group("gloo")
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+            self.group = dist.new_group(backend="gloo")  # CPU coordination only: parts travel as files
+        self._pool = None
+
+    def mine(self, slices: range) -> list[int]:
+        return [k for k in slices if k % self.world == self.rank]
+
+    @property
+    def pool(self):
+        if self._pool is None and self.workers > 1:
+            from multiprocessing import get_context
+
+            # spawn, not fork: the caller may hold threads (torch, tqdm) a forked child would inherit locked.
+            self._pool = get_context("spawn").Pool(self.workers)
+        return self._pool
+
+    def barrier(self) -> None:
+        if self.group is not None:
+            import torch.distributed as dist
+
+            dist.barrier(group=self.group)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool.join()
+            self._pool = None
+
+
+def _progress(total: int, initial: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="img", desc=desc, disable=not enabled, dynamic_ncols=True)
+
+
+def _stage1(slices: list[list[Item]], cfg: CurateConfig, work: Path, ex: Executor, progress: bool) -> list[list[dict]]:
+    rules = dataclasses.asdict(cfg.basic)
+    recipes = [recipe("basic", 1, rules, [_identity(i) for i in items]) for items in slices]
+    todo = [k for k in ex.mine(range(len(slices))) if manifest.read_part(work, "basic", k, recipes[k]) is None]
+    done = sum(len(slices[k]) for k in ex.mine(range(len(slices)))) - sum(len(slices[k]) for k in todo)
+    with _progress(sum(len(slices[k]) for k in ex.mine(range(len(slices)))), done, "curate: basic", progress) as bar:
+        for k in todo:
+            chunks = [(slices[k][i:i + 32], cfg.basic) for i in range(0, len(slices[k]), 32)]
+            rows = []
+            mapped = ex.pool.imap(_examine_chunk, chunks) if ex.pool else map(_examine_chunk, chunks)
+            for chunk_rows in mapped:
+                rows.extend(chunk_rows)
+                bar.update(len(chunk_rows))
+            manifest.write_part(work, "basic", k, recipes[k], rows)
+    ex.barrier()
+    parts = []
+    for k, items in enumerate(slices):
+        rows = manifest.read_part(work, "basic", k, recipes[k])
+        if rows is None:
+            raise CurateError(f"the stage-1 part of slice {k} is missing after every rank finished; run again")
+        parts.append(rows)
+    return parts
+
+
+def _stage23(slices: list[list[Item]], rows: list[list[dict]], cfg: CurateConfig, work: Path, ex: Executor,
+             filters: list, device: str, progress: bool) -> list[dict]:
+    """Scores of each slice's survivors of stage 1: {'index': positions in the slice, 'failures', scores...}."""
+    quality = "quality" in cfg.run.stages
+    job = Job(filters, quality)
+    names = [f.name for f in filters]
+    survivors = [[j for j, r in enumerate(part) if r["decision"] == "keep"] for part in rows]
+    recipes = [recipe("deep", 1, names, quality, [rows[k][j]["sha256"] for j in survivors[k]], [slices[k][j].source for j in survivors[k]])
+               for k in range(len(slices))]
+    mine = ex.mine(range(len(slices)))
+    todo = [k for k in mine if manifest.read_scores(work, k, recipes[k]) is None]
+    total = sum(len(survivors[k]) for k in mine)
+    done = total - sum(len(survivors[k]) for k in todo)
+    if todo:
+        models = Models(filters, quality, device)
+        batch = min(cfg.semantic.batch_size, cfg.quality.batch_size) if quality and filters else (
+            cfg.quality.batch_size if quality else cfg.semantic.batch_size)
+        with _progress(total, done, "curate: semantic + quality", progress) as bar:
+            for k in todo:
+                items = [slices[k][j] for j in survivors[k]]
+                scores = score_slice(items, job, models, ex.pool, batch, progress=bar.update)
+                manifest.write_scores(work, k, recipes[k], survivors[k], scores)
+    ex.barrier()
+    out = []
+    for k in range(len(slices)):
+        scores = manifest.read_scores(work, k, recipes[k])
+        if scores is None:
+            raise CurateError(f"the stage-2 part of slice {k} is missing after every rank finished; run again")
+        out.append(scores)
+    return out
+
+
+def curate(sources: list[str] | str, out: str, cfg: CurateConfig | None = None, progress: bool = True,
+           print_fn=print) -> dict:
+    """Curates `sources` (folders, .tar files, .csv/.parquet lists) into `out`: manifest.parquet (a row for
+    every input, with its decision, reason and scores), kept.parquet (for `genfoundry pack`), summary.json
+    and the funnel pictures. Running it again resumes. Returns the summary."""
+    from genfoundry.accel import get_device
+    from genfoundry.curation import filters as registry, decide
+
+    cfg = cfg or CurateConfig()
+    sources = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
+    outdir = writable_directory(out, CurateError)
+    work = outdir / WORK
+    work.mkdir(exist_ok=True)
+    manifest.remove_leftovers(outdir)
+    listing = list_sources([str(s) for s in sources])
+    size = cfg.run.slice_size
+    slices = [listing.items[i:i + size] for i in range(0, len(listing.items), size)]
+    stages = [s.strip() for s in cfg.run.stages.split(",")]
+    ex = Executor(cfg.run.workers)
+    ex.work = work
+    try:
+        rows = _stage1(slices, cfg, work, ex, progress)
+        flat = [dict(r, source=display(i.source), item=i) for items, part in zip(slices, rows)
+                for i, r in zip(items, part)]
+        counts = {"exact": basic.exact_duplicates(flat) if cfg.basic.exact_dedup else 0,
+                  "near": basic.near_duplicates(flat, cfg.basic.near_dedup_bits)}
+        device = str(get_device(cfg.run.device))
+        if ex.world > 1 and device.startswith("cuda"):
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        filters = []
+        if "semantic" in stages:
+            thresholds = cfg.semantic.threshold_of
+            filters = [registry.build(n, device=device, threshold=thresholds.get(n)) for n in cfg.semantic.filter_names]
+            unknown = set(thresholds) - {f.name for f in filters} - set(cfg.semantic.filter_names)
+            if unknown:
+                raise CurateError(f"semantic.thresholds names {', '.join(sorted(unknown))}, which is not among "
+                                  f"semantic.filters ({cfg.semantic.filters})")
+        scores = None
+        if len(stages) > 1:
+            # Stage 1's dedup decides the survivors; every rank computes it alike from the same parts.
+            offset, per_slice = 0, []
+            for part in rows:
+                per_slice.append(flat[offset:offset + len(part)])
+                offset += len(part)
+            scores = _stage23(slices, per_slice, cfg, work, ex, filters, device, progress)
+        if ex.rank != 0:
+            return {}
+        result = decide.finish(flat, listing.unlisted, scores, slices, filters, cfg, device, ex, progress)
+    finally:
+        ex.close()
+    summary = manifest.write_outputs(outdir, result, cfg, sources, counts)
+    print_fn(manifest.summary_line(summary, outdir))
+    return summary
