@@ -1,15 +1,20 @@
 """genfoundry: curated images to a trained, sampled and scored image generator, on any accelerator.
 
-Each CLI command is a function here with the same name: `train`, `sample`, `evaluate` (CLI `eval`),
-`demo`. Rooms of the flow live in subpackages: sources, data, models, diffusion, trainer, eval.
+Each CLI command is a function here with the same name: `curate`, `train`, `sample`, `evaluate` (CLI
+`eval`), `demo`. Rooms of the flow live in subpackages: sources, curation, shards, data, models,
+diffusion, trainer, eval.
 """
 
 __version__ = "0.1.0"
-__all__ = ["demo", "evaluate", "sample", "train", "__version__"]
+__all__ = ["curate", "demo", "evaluate", "sample", "train", "__version__"]
 
 
 def __getattr__(name: str):
     # Imported on first use, so that `genfoundry --help` does not pay for importing torch.
+    if name == "curate":
+        from genfoundry.curation import curate
+
+        return curate
     if name in ("demo", "evaluate", "sample", "train"):
         from genfoundry import api
 

@@ -33,6 +33,17 @@ def _config_epilog() -> str:
     return f"{textwrap.fill(OVERRIDE_HELP, width)}\n\n{textwrap.fill(keys, width)}\n{config_lib.keys_help(width)}"
 
 
+def _curate_epilog() -> str:
+    from genfoundry.curation.filters import builtin_help
+
+    width = max(80, min(120, shutil.get_terminal_size().columns)) - 2
+    overrides = ("config overrides as --section.key=value (e.g. --basic.min_side=256 --semantic.thresholds=ocr=0.3 "
+                 "--run.stages=basic); sections: run, basic, semantic, quality")
+    return (f"{textwrap.fill(overrides, width)}\n\nsemantic filters (semantic.filters; a threshold by "
+            f"semantic.thresholds=name=value):\n{builtin_help()}\n\nconfig keys and their defaults:\n"
+            f"{config_lib.keys_help(width, config_lib.CurateConfig)}")
+
+
 def _config_args(p: argparse.ArgumentParser, default_recipe: str | None) -> None:
     p.add_argument("--config", default=default_recipe, metavar="RECIPE",
                    help=f"a recipe name shipped with genfoundry or a .toml path (default: {default_recipe or 'none'})")
@@ -95,6 +106,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="re-encode as JPEG or lossless PNG (default: keep; PNG for images of 64 px or less)")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality when re-encoding (default: 90)")
     p.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
+
+    p = sub.add_parser("curate", help="clean raw images in three levels, with a row and a reason for every input",
+                       description="Curates SRC (image folders, searched recursively; .tar files; .csv/.parquet "
+                                   "lists with a 'path' column) into OUT: manifest.parquet (one row per input: "
+                                   "facts, decision, reason, every score), kept.parquet (which `genfoundry pack` "
+                                   "takes), summary.json, funnel.svg and reasons.svg. Stage 1 (basic) checks the "
+                                   "header, the rules and a full decode and drops exact and near duplicates; "
+                                   "stage 2 (semantic) runs pretrained filters and semantic dedup; stage 3 "
+                                   "(quality) keeps the images closest to a reference in TF-Inception features. "
+                                   "Running it again resumes, and changing only a threshold redoes no model work. "
+                                   "Under torchrun (or --nproc N) each rank takes its share of the slices.",
+                       epilog=_curate_epilog(), formatter_class=_KeysTableFormatter)
+    p.add_argument("src", nargs="+", help="image folders, .tar files or .csv/.parquet lists")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--config", metavar="TOML", help="a .toml file of [run], [basic], [semantic] and [quality] keys")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="start N processes on this machine through torchrun, each curating its share")
+    p.add_argument("--ray", action="store_true", help="run the slices as Ray tasks (needs `pip install ray`)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
 
     p = sub.add_parser("sample", help="write a sample grid and PNG images from a finished run")
     p.add_argument("run_dir", help="a run directory (e.g. runs/demo)")
@@ -241,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--max-restarts must be 0 or more, got {args.max_restarts}")
     if args.command == "train" and (args.nproc > 1 or args.max_restarts > 0) and "WORLD_SIZE" not in os.environ:
         return launch_torchrun(args.nproc, argv, args.max_restarts)
+    if args.command == "curate" and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return launch_torchrun(args.nproc, argv)
     from genfoundry import api  # after parsing, so that --help stays fast
 
     try:
@@ -255,6 +287,15 @@ def main(argv: list[str] | None = None) -> int:
                 api.train(cfg)
             else:
                 api.demo(overrides)
+            return 0
+        if args.command == "curate":
+            from genfoundry.curation import curate
+
+            cfg = config_lib.load_curate(args.config, config_lib.parse_overrides(rest))
+            if args.dry_run:
+                print(config_lib.dumps(cfg), end="")
+                return 0
+            curate(args.src, args.out, cfg, ray=args.ray)
             return 0
         if args.command == "bench" and args.bench == "compression":
             from genfoundry.bench.compression import METHODS

@@ -117,6 +117,12 @@ def build(name: str, device: str = "cpu", threshold: float | None = None) -> Ima
     return made
 
 
+def builtin_help() -> str:
+    """One line per registered filter, for --help."""
+    _load_builtin()
+    return "\n".join(f"  {name:<10} {spec.summary}" for name, spec in sorted(FILTERS.items()))
+
+
 def _load_builtin() -> None:
     # The built-in filters register themselves on import; their heavy packages import only when built.
     from . import models  # noqa: F401 (registers on import)

@@ -47,8 +47,9 @@ class Executor:
     """Where slices run: this process with a pool of decode workers, one of several torchrun ranks
     (each takes every world-th slice), or Ray tasks."""
 
-    def __init__(self, workers: int):
+    def __init__(self, workers: int, ray: bool = False):
         self.workers = workers or os.cpu_count() or 1
+        self.ray = ray
         self.rank, self.world = 0, 1
         self.group = None
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -91,20 +92,60 @@ def _progress(total: int, initial: int, desc: str, enabled: bool):
     return tqdm(total=total, initial=initial, unit="img", desc=desc, disable=not enabled, dynamic_ncols=True)
 
 
+def basic_slice(k: int, items: list[Item], rules, work: Path, key: str, pool=None, progress=None) -> None:
+    """Stage 1 on one slice, written as its part file."""
+    chunks = [(items[i:i + 32], rules) for i in range(0, len(items), 32)]
+    rows = []
+    for chunk_rows in (pool.imap(_examine_chunk, chunks) if pool else map(_examine_chunk, chunks)):
+        rows.extend(chunk_rows)
+        if progress:
+            progress(len(chunk_rows))
+    manifest.write_part(work, "basic", k, key, rows)
+
+
+def deep_slice(k: int, items: list[Item], index: list[int], job: Job, models: Models | None, device: str,
+               batch_size: int, work: Path, key: str, pool=None, progress=None) -> None:
+    """Stages 2-3 scores of one slice's survivors, written as its part file."""
+    models = models or Models(job.filters, job.inception, device)
+    scores = score_slice(items, job, models, pool, batch_size, progress=progress)
+    manifest.write_scores(work, k, key, index, scores)
+
+
+def _ray_map(fn, calls: list[tuple], gpus: float) -> None:
+    """Runs fn(*call) for each call as Ray Data tasks; each writes its own part file."""
+    from genfoundry.curation.filters import require
+
+    ray = require("ray", "pip install 'ray[data]'", "--ray")
+    import logging
+
+    if not ray.is_initialized():
+        ray.init(ignore_reinit_error=True, log_to_driver=False, include_dashboard=False,
+                 logging_level=logging.WARNING)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # genfoundry's own bar counts the images
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    dataset = ray.data.from_items([{"call": n} for n in range(len(calls))])
+    remote_calls = ray.put(calls)
+
+    def run(row: dict) -> dict:
+        fn(*ray.get(remote_calls)[row["call"]])
+        return row
+
+    dataset.map(run, num_gpus=gpus or None).materialize()
+
+
 def _stage1(slices: list[list[Item]], cfg: CurateConfig, work: Path, ex: Executor, progress: bool) -> list[list[dict]]:
     rules = dataclasses.asdict(cfg.basic)
     recipes = [recipe("basic", 1, rules, [_identity(i) for i in items]) for items in slices]
-    todo = [k for k in ex.mine(range(len(slices))) if manifest.read_part(work, "basic", k, recipes[k]) is None]
-    done = sum(len(slices[k]) for k in ex.mine(range(len(slices)))) - sum(len(slices[k]) for k in todo)
-    with _progress(sum(len(slices[k]) for k in ex.mine(range(len(slices)))), done, "curate: basic", progress) as bar:
-        for k in todo:
-            chunks = [(slices[k][i:i + 32], cfg.basic) for i in range(0, len(slices[k]), 32)]
-            rows = []
-            mapped = ex.pool.imap(_examine_chunk, chunks) if ex.pool else map(_examine_chunk, chunks)
-            for chunk_rows in mapped:
-                rows.extend(chunk_rows)
-                bar.update(len(chunk_rows))
-            manifest.write_part(work, "basic", k, recipes[k], rows)
+    mine = ex.mine(range(len(slices)))
+    todo = [k for k in mine if manifest.read_part(work, "basic", k, recipes[k]) is None]
+    total = sum(len(slices[k]) for k in mine)
+    with _progress(total, total - sum(len(slices[k]) for k in todo), "curate: basic", progress) as bar:
+        if ex.ray:
+            _ray_map(basic_slice, [(k, slices[k], cfg.basic, work, recipes[k]) for k in todo], 0)
+            bar.update(sum(len(slices[k]) for k in todo))
+        for k in [] if ex.ray else todo:
+            basic_slice(k, slices[k], cfg.basic, work, recipes[k], ex.pool, bar.update)
     ex.barrier()
     parts = []
     for k, items in enumerate(slices):
@@ -122,21 +163,23 @@ def _stage23(slices: list[list[Item]], rows: list[list[dict]], cfg: CurateConfig
     job = Job(filters, quality)
     names = [f.name for f in filters]
     survivors = [[j for j, r in enumerate(part) if r["decision"] == "keep"] for part in rows]
-    recipes = [recipe("deep", 1, names, quality, [rows[k][j]["sha256"] for j in survivors[k]], [slices[k][j].source for j in survivors[k]])
+    recipes = [recipe("deep", 1, names, quality, [[slices[k][j].source, rows[k][j]["sha256"]] for j in survivors[k]])
                for k in range(len(slices))]
+    batch = min(cfg.semantic.batch_size, cfg.quality.batch_size) if quality and filters else (
+        cfg.quality.batch_size if quality else cfg.semantic.batch_size)
     mine = ex.mine(range(len(slices)))
     todo = [k for k in mine if manifest.read_scores(work, k, recipes[k]) is None]
     total = sum(len(survivors[k]) for k in mine)
-    done = total - sum(len(survivors[k]) for k in todo)
-    if todo:
-        models = Models(filters, quality, device)
-        batch = min(cfg.semantic.batch_size, cfg.quality.batch_size) if quality and filters else (
-            cfg.quality.batch_size if quality else cfg.semantic.batch_size)
-        with _progress(total, done, "curate: semantic + quality", progress) as bar:
-            for k in todo:
-                items = [slices[k][j] for j in survivors[k]]
-                scores = score_slice(items, job, models, ex.pool, batch, progress=bar.update)
-                manifest.write_scores(work, k, recipes[k], survivors[k], scores)
+    calls = [(k, [slices[k][j] for j in survivors[k]], survivors[k], job) for k in todo]
+    with _progress(total, total - sum(len(survivors[k]) for k in todo), "curate: semantic + quality", progress) as bar:
+        if ex.ray and calls:
+            _ray_map(deep_slice, [(*c, None, device, batch, work, recipes[c[0]]) for c in calls],
+                     1 if device.startswith("cuda") else 0)
+            bar.update(sum(len(c[1]) for c in calls))
+        elif calls:
+            models = Models(filters, quality, device)
+            for call in calls:
+                deep_slice(*call, models, device, batch, work, recipes[call[0]], ex.pool, bar.update)
     ex.barrier()
     out = []
     for k in range(len(slices)):
@@ -148,10 +191,11 @@ def _stage23(slices: list[list[Item]], rows: list[list[dict]], cfg: CurateConfig
 
 
 def curate(sources: list[str] | str, out: str, cfg: CurateConfig | None = None, progress: bool = True,
-           print_fn=print) -> dict:
+           print_fn=print, ray: bool = False) -> dict:
     """Curates `sources` (folders, .tar files, .csv/.parquet lists) into `out`: manifest.parquet (a row for
     every input, with its decision, reason and scores), kept.parquet (for `genfoundry pack`), summary.json
-    and the funnel pictures. Running it again resumes. Returns the summary."""
+    and the funnel pictures. Running it again resumes. With `ray`, slices run as Ray Data tasks (on the
+    cluster `ray.init()` finds, else a local one). Returns the summary."""
     from genfoundry.accel import get_device
     from genfoundry.curation import filters as registry, decide
 
@@ -165,7 +209,7 @@ def curate(sources: list[str] | str, out: str, cfg: CurateConfig | None = None, 
     size = cfg.run.slice_size
     slices = [listing.items[i:i + size] for i in range(0, len(listing.items), size)]
     stages = [s.strip() for s in cfg.run.stages.split(",")]
-    ex = Executor(cfg.run.workers)
+    ex = Executor(cfg.run.workers, ray)
     ex.work = work
     try:
         rows = _stage1(slices, cfg, work, ex, progress)

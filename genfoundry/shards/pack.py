@@ -44,6 +44,11 @@ class Input:
     label: int | None = None
     class_name: str | None = None
     caption: str | None = None
+    scores: tuple[tuple[str, float], ...] = ()  # a curated list's score columns, carried into the shards
+
+
+# Columns of a list that are scores (genfoundry curate's kept.parquet): they travel into the shards.
+SCORE_COLUMNS = re.compile(r"^(score_\w+|mahalanobis|pixel_std)$")
 
 
 @dataclass
@@ -119,6 +124,7 @@ def _list_file(path: Path) -> Inputs:
     if not rows:
         raise ShardError(f"'{path}' lists no images")
     base = Path(os.path.abspath(path.parent))
+    score_columns = [c for c in columns if SCORE_COLUMNS.match(c)]
     # Missing labels are None; NaN comes from pandas writing a column with gaps.
     raw = [r.get("label") for r in rows]
     raw = [None if v is None or v == "" or (isinstance(v, float) and v != v) else v for v in raw]
@@ -141,9 +147,13 @@ def _list_file(path: Path) -> Inputs:
                                                 else class_names.index(str(value)))
         caption = row.get("caption")
         caption = None if caption is None or caption == "" or caption != caption else str(caption)
-        file = Path(str(row["path"] or ""))
+        # A name that is not UTF-8 is in source_bytes exactly (kept.parquet); 'path' shows it escaped.
+        raw = row.get("source_bytes")
+        file = Path(os.fsdecode(raw) if raw else str(row["path"] or ""))
+        scores = tuple((c, float(row[c])) for c in score_columns
+                       if isinstance(row.get(c), (int, float)) and row[c] == row[c])
         items.append(Input(os.path.normpath(file if file.is_absolute() else base / file), label,
-                           None if label is None else class_names[label], caption))
+                           None if label is None else class_names[label], caption, scores))
     return Inputs(items, class_names)
 
 
@@ -245,6 +255,7 @@ def write_shard(task: _Task) -> dict:
     tar_path, idx_path = out / tar_name(task.number), out / idx_name(task.number)
     keys, offsets, failures = [], [], []
     channels, sizes, reencoded, unlabelled = Counter(), Counter(), Counter(), 0
+    scores: dict[str, dict[str, float]] = {}
     with atomic_writer(tar_path) as f:
         tar = _TarWriter(f)
         for k, item in enumerate(task.items):
@@ -257,6 +268,8 @@ def write_shard(task: _Task) -> dict:
                 continue
             meta = {"key": key, "label": item.label, "class_name": item.class_name, "caption": item.caption,
                     "original_size": list(original), "source": item.source, "channels": facts["channels"]}
+            if item.scores:
+                meta["scores"] = dict(item.scores)
             if facts["reencoded"]:
                 meta["reencoded"] = facts["reencoded"]
                 reencoded[facts["reencoded"]] += 1
@@ -267,6 +280,8 @@ def write_shard(task: _Task) -> dict:
             meta_at = tar.add(f"{key}.json", encode_json(meta))
             keys.append(key)
             offsets.append([*image_at, *meta_at])
+            for name, value in item.scores:
+                scores.setdefault(name, {})[key] = value
         tar.finish()
     idx = {"format_version": FORMAT_VERSION, "name": tar_path.name, "bytes": tar_path.stat().st_size,
            "sha256": sha256_file(tar_path), "recipe": task.recipe, "first_input": task.first,
@@ -274,6 +289,8 @@ def write_shard(task: _Task) -> dict:
            "failures": failures, "channels": {c: channels[c] for c in ("1", "3")},
            "sizes": [[w, h, n] for (w, h), n in sorted(sizes.items())], "reencoded": dict(sorted(reencoded.items())),
            "num_unlabelled": unlabelled}
+    if scores:  # curation's scores per sample (None where a sample has none), in key order
+        idx["scores"] = {name: [values.get(k) for k in keys] for name, values in sorted(scores.items())}
     data = encode_json(idx)
     write_atomic(idx_path, data)
     return _record(task.number, idx, data)
@@ -352,7 +369,8 @@ def pack(src: str, out: str, samples_per_shard: int = 1000, resolution: int | No
         first = number * samples_per_shard
         items = inputs.items[first:first + samples_per_shard]
         recipe = sha256_bytes(encode_json({"encoding": encoding, "first": first,
-                                           "inputs": [[i.source, i.label, i.class_name, i.caption] for i in items]}))
+                                           "inputs": [[i.source, i.label, i.class_name, i.caption, *i.scores]
+                                                      for i in items]}))
         done = _finished(outdir, number, recipe)
         if done:
             records[number] = done
