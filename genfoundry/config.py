@@ -341,14 +341,15 @@ class QualityConfig:
     reference: str = ""          # a folder of trusted images the Gaussian is fitted to (empty: the collection)
     keep_quantile: float = 0.9   # keep this share closest to the reference (by Mahalanobis distance)
     max_distance: float = 0.0    # keep images within this Mahalanobis distance instead (0: use keep_quantile)
-    shrinkage: float = 0.1       # covariance shrinkage toward a scaled identity, so few images still give a
-                                 # usable (invertible) Gaussian
+    shrinkage: float = -1.0      # covariance shrinkage toward a scaled identity, so few images still give an
+                                 # invertible Gaussian (-1: Ledoit-Wolf's estimate)
     batch_size: int = 64         # images per TF-Inception call
 
     def __post_init__(self):
-        if not 0 < self.keep_quantile <= 1 or self.max_distance < 0 or not 0 <= self.shrinkage < 1:
+        if not 0 < self.keep_quantile <= 1 or self.max_distance < 0 or not (self.shrinkage == -1
+                                                                             or 0 <= self.shrinkage < 1):
             raise ConfigError("quality.keep_quantile must be in (0, 1], quality.max_distance 0 or more, "
-                              "quality.shrinkage in [0, 1)")
+                              "quality.shrinkage -1 (Ledoit-Wolf) or in [0, 1)")
         if self.batch_size < 1:
             raise ConfigError("quality.batch_size must be at least 1")
 

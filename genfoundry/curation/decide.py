@@ -98,7 +98,7 @@ def finish(flat: list[dict], unlisted: list[tuple[str, str, str]], scores: list[
                 ref, where = _reference_features(cfg, device, ex, progress)
             else:
                 ref, where = candidates, "the collection itself"
-            mu, sigma, chol = quality.fit(ref, cfg.quality.shrinkage)
+            mu, sigma, chol, shrinkage = quality.fit(ref, cfg.quality.shrinkage)
             distances = quality.mahalanobis(candidates, mu, chol)
             keep, cut = quality.select(distances, cfg.quality.keep_quantile, cfg.quality.max_distance)
             for a, i in enumerate(alive):
@@ -109,7 +109,8 @@ def finish(flat: list[dict], unlisted: list[tuple[str, str, str]], scores: list[
                     flat[i]["stage"] = "quality"
             ref_mu, ref_sigma = np.asarray(ref, np.float64).mean(0), np.cov(np.asarray(ref, np.float64), rowvar=False)
             report.update(quality.compare(candidates, keep, ref_mu, ref_sigma, cfg.run.seed),
-                          reference=where, num_reference=len(ref), cut=cut, num_candidates=len(alive))
+                          reference=where, num_reference=len(ref), cut=cut, num_candidates=len(alive),
+                          shrinkage=shrinkage)
     last = stages[-1]
     for row in flat:
         if row["decision"] == "keep":

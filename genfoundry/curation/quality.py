@@ -14,21 +14,34 @@ import scipy.linalg
 from genfoundry.features import frechet_distance
 
 
-def fit(features: np.ndarray, shrinkage: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(mean, covariance, Cholesky factor of the shrunk covariance) of float features [N, D].
+def ledoit_wolf(centred: np.ndarray) -> float:
+    """The shrinkage weight toward (tr S / D) I that Ledoit and Wolf (2004) estimate for centred [N, D]."""
+    n, d = centred.shape
+    s = centred.T @ centred / n
+    mu = np.trace(s) / d
+    delta = ((s - mu * np.eye(d)) ** 2).sum() / d
+    # sum_k ||x_k x_k^T - S||_F^2 = sum_k ||x_k||^4 - n ||S||_F^2, without a D x D matrix per image
+    beta = ((np.einsum("ij,ij->i", centred, centred) ** 2).sum() - n * (s ** 2).sum()) / (n * n * d)
+    return float(min(max(beta, 0.0), delta) / delta) if delta > 0 else 1.0
 
-    The covariance of fewer images than dimensions is singular; shrinking it toward (tr S / D) I, as
-    Ledoit and Wolf do with a fixed weight, keeps the Mahalanobis distance defined."""
+
+def fit(features: np.ndarray, shrinkage: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """(mean, covariance, Cholesky factor of the shrunk covariance, the shrinkage used) of features [N, D].
+
+    The covariance of fewer images than dimensions is singular; shrinking it toward (tr S / D) I keeps
+    the Mahalanobis distance defined. `shrinkage` < 0 takes Ledoit and Wolf's estimate of the weight."""
     x = np.asarray(features, np.float64)
     mu = x.mean(0)
     sigma = np.cov(x, rowvar=False) if len(x) > 1 else np.zeros((x.shape[1],) * 2)
+    if shrinkage < 0:
+        shrinkage = ledoit_wolf(x - mu)
     target = np.trace(sigma) / len(mu) or 1.0
     shrunk = (1 - shrinkage) * sigma + shrinkage * target * np.eye(len(mu))
     try:
         chol = scipy.linalg.cholesky(shrunk, lower=True)
     except np.linalg.LinAlgError:  # shrinkage 0 and a singular covariance: the smallest ridge that works
         chol = scipy.linalg.cholesky(shrunk + 1e-6 * target * np.eye(len(mu)), lower=True)
-    return mu, sigma, chol
+    return mu, sigma, chol, shrinkage
 
 
 def mahalanobis(features: np.ndarray, mu: np.ndarray, chol: np.ndarray) -> np.ndarray:
