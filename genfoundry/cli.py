@@ -235,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="repeatable (default: all three)")
     b.add_argument("--workdir", help="where the runs go (default: a new temporary directory)")
     b.add_argument("--out", help="write the results as JSON here")
+    bench.add_parser("curate", add_help=False,
+                     help="curation: stage-1 images/s per core, stages 2-3 images/s on the accelerator, and the "
+                          "quality stage on MNIST with injected corruptions (its own options: --help)")
     bench.add_parser("checkpoint", add_help=False,
                      help="training stall and time until durable per checkpoint: torch.save, DCP async_save and "
                           "genfoundry's tiers (`genfoundry bench checkpoint --help` for its options)")
@@ -317,6 +320,11 @@ def main(argv: list[str] | None = None) -> int:
                 "--iters", str(args.iters), *(["--sizes", *map(str, args.sizes)] if args.sizes else []),
                 *(["--out", args.out] if args.out else []), *rest])
             os.execv(sys.executable, command)
+        if args.command == "bench" and args.bench == "curate":
+            from genfoundry.bench.curate import main as bench_curate
+
+            bench_curate(rest)  # its own options, parsed there
+            return 0
         if args.command == "bench" and args.bench == "checkpoint":
             from genfoundry.bench.checkpoint import main as bench_checkpoint
 

