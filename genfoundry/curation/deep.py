@@ -21,11 +21,17 @@ INCEPTION_SIDE = 299
 
 @dataclass
 class Job:
-    """What the decode workers need: the filters (without their models) and whether to make the
-    299 px view for TF-Inception."""
+    """What the decode workers need: the filters (without their models) and whether TF-Inception runs."""
 
     filters: list[ImageFilter]
     inception: bool
+
+    @property
+    def square_side(self) -> int:
+        """The side of the centre square sent once per image: TF-Inception's 299 px when it runs (its
+        protocol resizes on the CPU, bicubic), else the largest side a square filter wants."""
+        sides = [f.side for f in self.filters if f.square]
+        return INCEPTION_SIDE if self.inception else max(sides, default=0)
 
 
 def upright(data: bytes):
@@ -53,11 +59,24 @@ def decode_chunk(args: tuple[list[Item], Job]) -> list[dict | str]:
         except Exception as e:  # the file changed since stage 1: recorded, the others go on
             out.append(f"decode-error: {failure_reason(e)}")
             continue
-        views = {f.name: f.prepare(image) for f in job.filters}
-        if job.inception:
-            views["inception"] = square(image, INCEPTION_SIDE, "bicubic")
+        views = {f.name: f.prepare(image) for f in job.filters if not f.square}
+        if job.square_side:
+            views["square"] = square(image, job.square_side, "bicubic")
         out.append(views)
     return out
+
+
+def resize_square(images, side: int):
+    """uint8 [N, S, S, 3] on the device -> uint8 [N, side, side, 3], bilinear with antialiasing (as
+    Pillow filters when it shrinks), so square filters see the same pixels on every device."""
+    import torch
+    import torch.nn.functional as F
+
+    if images.shape[1] == side:
+        return images
+    x = F.interpolate(images.permute(0, 3, 1, 2).float(), size=(side, side), mode="bilinear", antialias=True,
+                      align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
 
 
 class Models:
@@ -78,15 +97,18 @@ class Models:
         import torch
 
         out = {}
+        shared = None
+        if "square" in views[0]:
+            shared = torch.from_numpy(np.stack([v["square"] for v in views])).to(self.device)
         for f in self.filters:
-            result = f.score(np.stack([v[f.name] for v in views]))
+            batch = resize_square(shared, f.side) if f.square else np.stack([v[f.name] for v in views])
+            result = f.score(batch)
             if f.embeds:
                 result, embeddings = result
                 out[f"embed_{f.name}"] = np.asarray(embeddings, np.float16)
             out[f"score_{f.name}"] = np.asarray(result, np.float32)
         if self.net is not None:
-            batch = torch.from_numpy(np.stack([v["inception"] for v in views])).to(self.device)
-            x = (batch.permute(0, 3, 1, 2).float() - 128.0) / 128.0  # the network's input range
+            x = (shared.permute(0, 3, 1, 2).float() - 128.0) / 128.0  # the network's input range
             out["features"] = self.net.forward(x).astype(np.float32)
         return out
 

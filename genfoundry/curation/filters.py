@@ -1,8 +1,12 @@
 """Semantic filters: pretrained models that score images, each with a threshold, in one registry.
 
-A filter is two halves. `prepare` runs in the CPU decode workers on one upright RGB PIL image and
-returns the array the model wants (its own size and fit); `score` runs in the main process on a batch
-of those arrays, on the accelerator where the model can use one. An image is dropped, with the filter's
+A filter is two halves. Its input is made on the CPU decode workers: by default (`square`) the centre
+square of the image, which every such filter and TF-Inception share, sent once per image and resized
+to the filter's `side` on the device; a filter that needs another fit (padded, stretched) sets
+`square = False` and writes `prepare`, which runs on one upright RGB PIL image in the workers. `score`
+runs in the main process on a batch of those inputs (uint8 [N, side, side, 3]: a torch tensor on the
+device for square filters, a numpy array from `prepare` otherwise), on the accelerator where the model
+can use one. An image is dropped, with the filter's
 `reason`, when its score is above the threshold (`drop_above`) or below it.
 
 A user's own model (a local CLIP checkpoint, say) plugs in the same way: `curate.filters =
@@ -51,7 +55,8 @@ class ImageFilter:
     reason: str = ""        # the machine-readable drop reason, e.g. "text-heavy"
     threshold: float = 0.5  # default threshold; the config may set another
     drop_above: bool = True  # drop when score > threshold (else when score < threshold)
-    side: int = 224         # the side `prepare` brings images to
+    side: int = 224         # the side of the model's input
+    square: bool = True     # the input is the shared centre square resized to `side` (else `prepare`)
     embeds: bool = False    # True when `score` also returns embeddings for semantic dedup
 
     def __init__(self, device: str = "cpu", threshold: float | None = None):
@@ -65,11 +70,12 @@ class ImageFilter:
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
 
     def prepare(self, image) -> np.ndarray:
-        """CPU worker side: one upright RGB PIL image -> the model's input array."""
+        """CPU worker side, for filters that are not `square`: one upright RGB PIL image -> the model's
+        input array."""
         return square(image, self.side)
 
-    def score(self, batch: np.ndarray) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-        """Main-process side: stacked `prepare` outputs -> float scores [N] (and embeddings [N, D] when
+    def score(self, batch) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Main-process side: a batch of inputs -> float scores [N] (and embeddings [N, D] when
         `embeds`)."""
         raise NotImplementedError
 
@@ -134,8 +140,9 @@ class BlankFilter(ImageFilter):
 
     name, reason, threshold, drop_above, side = "blank", "blank", 0.02, False, 64
 
-    def prepare(self, image) -> np.ndarray:
-        return square(image.convert("L").convert("RGB"), self.side)
+    def score(self, batch) -> np.ndarray:
+        import torch
 
-    def score(self, batch: np.ndarray) -> np.ndarray:
-        return batch[..., 0].reshape(len(batch), -1).astype(np.float32).std(1) / 255.0
+        rgb = torch.as_tensor(batch).float()
+        grey = rgb @ torch.tensor([0.299, 0.587, 0.114], device=rgb.device)  # ITU-R 601 luma, as Pillow's "L"
+        return (grey.flatten(1).std(1, correction=0) / 255.0).cpu().numpy()

@@ -80,7 +80,7 @@ class ImageNetFilter(ImageFilter):
         from genfoundry.curation.efficientnet import normalize
 
         with torch.inference_mode():
-            x = normalize(torch.from_numpy(np.require(batch, np.uint8, ["C", "W"])).to(self.device))
+            x = normalize(torch.as_tensor(batch, device=self.device))
             pooled, logits = self._net.features(x)
             mass = logits.softmax(dim=1)[:, self._class_index].sum(dim=1)
             embeddings = F.normalize(pooled, dim=1)
@@ -128,6 +128,7 @@ class OcrFilter(OnnxFilter):
     reason = "text-heavy"
     threshold = 0.08
     side = 480
+    square = False  # its own fit: the whole image stretched
     package = "rapidocr_onnxruntime"
     model = "models/ch_PP-OCRv4_det_infer.onnx"
 
@@ -170,6 +171,7 @@ class NsfwFilter(OnnxFilter):
     reason = "nsfw"
     threshold = 0.5  # NudeNet reports every box from 0.2 up; above 0.5 a detection is more likely right than not
     side = 320
+    square = False  # its own fit: padded to a square, as NudeNet was trained
     package = "nudenet"
     model = "320n.onnx"
 
