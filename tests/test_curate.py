@@ -278,3 +278,20 @@ def test_semantic_filters_and_semantic_dedup_through_curate(tmp_path):
     assert rows["chelsea_small.png"]["duplicate_of"].endswith("chelsea.jpg")
     assert rows["page.png"]["score_imagenet"] > 0.3 > rows["coffee.jpg"]["score_imagenet"]
     assert summary["quality"] == {"semantic_duplicates": 3}
+
+
+def test_ray_tasks_give_the_manifest_one_process_gives(tmp_path):
+    """Slices as Ray Data tasks on a local Ray: the same rows as this process alone."""
+    pytest.importorskip("ray.data", reason="Ray Data is not installed (pip install 'ray[data]')")
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(7):
+        photo(i, (32, 32)).save(src / f"{i}.png")
+    (src / "bad.png").write_bytes(b"\x89PNG broken")
+    overrides = {**SMALL, "run.stages": "basic,semantic", "semantic.filters": "blank", "semantic.dedup": False,
+                 "run.slice_size": 3, "run.workers": 1}
+    quiet = {"progress": False, "print_fn": lambda *_: None}
+    curate([src], tmp_path / "ray", load_curate(None, overrides), ray=True, **quiet)
+    curate([src], tmp_path / "one", load_curate(None, overrides), **quiet)
+    read = lambda d: pq.read_table(tmp_path / d / "manifest.parquet").to_pylist()  # noqa: E731
+    assert read("ray") == read("one") and len(read("one")) == 8

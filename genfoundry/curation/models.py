@@ -78,8 +78,10 @@ class ImageNetFilter(ImageFilter):
         import torch.nn.functional as F
 
         from genfoundry.curation.efficientnet import normalize
+        from genfoundry.features import full_fp32
 
-        with torch.inference_mode():
+        # Plain fp32 (no TF32) on every device, so a score does not depend on where it was computed.
+        with torch.inference_mode(), full_fp32():
             x = normalize(torch.as_tensor(batch, device=self.device))
             pooled, logits = self._net.features(x)
             mass = logits.softmax(dim=1)[:, self._class_index].sum(dim=1)

@@ -52,7 +52,7 @@ class Executor:
         self.ray = ray
         self.rank, self.world = 0, 1
         self.group = None
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # under torchrun, even with one rank
             import torch.distributed as dist
 
             if not dist.is_initialized():
@@ -218,7 +218,7 @@ def curate(sources: list[str] | str, out: str, cfg: CurateConfig | None = None, 
         counts = {"exact": basic.exact_duplicates(flat) if cfg.basic.exact_dedup else 0,
                   "near": basic.near_duplicates(flat, cfg.basic.near_dedup_bits)}
         device = str(get_device(cfg.run.device))
-        if ex.world > 1 and device.startswith("cuda"):
+        if ex.group is not None and device.startswith("cuda"):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         filters = []
         if "semantic" in stages:
