@@ -304,14 +304,12 @@ class BasicConfig:
 
 @dataclass
 class SemanticConfig:
-    filters: str = "blank,imagenet,ocr,nsfw"  # semantic filters in order (see `genfoundry curate --help`), or
-                                 # module:factory for your own
+    filters: str = "blank,imagenet,ocr,nsfw"  # semantic filters in order, or module:factory for your own
     thresholds: str = ""         # name=value,... to replace a filter's default threshold
     batch_size: int = 64         # images per model call
     dedup: bool = True           # semantic dedup (SemDeDup): k-means on embeddings, then cosine within clusters
     dedup_embedder: str = "imagenet"  # the filter whose embeddings dedup uses
-    dedup_similarity: float = 0.95    # drop an image whose cosine similarity to an earlier one in its cluster
-                                 # is at least this
+    dedup_similarity: float = 0.95    # drop images this similar (cosine) to an earlier one in their cluster
     dedup_clusters: int = 0      # k-means clusters (0: about the square root of the image count)
 
     def __post_init__(self):

@@ -117,6 +117,22 @@ def test_a_file_that_vanishes_or_cannot_be_read_is_a_row(tmp_path):
     assert row["reason"] == "unreadable" and "ends after" in row["message"]
 
 
+def test_a_file_that_vanishes_before_stage_2_is_a_row_and_the_others_are_scored(tmp_path):
+    import genfoundry
+    from genfoundry.curation.deep import Job, Models, score_slice
+    from genfoundry.curation.filters import build
+
+    assert genfoundry.curate is curate  # the CLI command's Python function, by the same name
+    for i in range(3):
+        photo(i).save(tmp_path / f"{i}.png")
+    (tmp_path / "1.png").unlink()
+    blank = build("blank")
+    scores = score_slice([Item(str(tmp_path / f"{i}.png")) for i in range(3)], Job([blank], False),
+                         Models([blank], False, "cpu"), None, batch_size=2)
+    assert scores["failures"] == {1: "vanished"}
+    assert np.isnan(scores["score_blank"][1]) and np.isfinite(scores["score_blank"][[0, 2]]).all()
+
+
 def test_exact_and_near_duplicates_keep_the_first(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
@@ -231,6 +247,11 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "did you mean 'basic.min_side'" in capsys.readouterr().err
     assert main(["curate", str(tmp_path), "--out", str(tmp_path / "o"), "--semantic.filters=nope"]) == 2
     assert "unknown semantic filter 'nope'" in capsys.readouterr().err
+    assert main(["curate", str(tmp_path), "--out", str(tmp_path / "o"), "--semantic.filters=blank",
+                 "--semantic.thresholds=ocr=0.2"]) == 2
+    assert "not among semantic.filters" in capsys.readouterr().err
+    assert main(["curate", str(tmp_path), "--out", str(tmp_path / "o"), "--semantic.filters=blank"]) == 2
+    assert "semantic.dedup_embedder 'imagenet' is not an embedding filter" in capsys.readouterr().err
 
 
 def test_torchrun_ranks_share_the_slices(tmp_path):

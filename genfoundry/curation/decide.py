@@ -68,13 +68,7 @@ def finish(flat: list[dict], unlisted: list[tuple[str, str, str]], scores: list[
                     drop(row, f.reason, f.message(float(column[i])))
                     row["stage"] = "semantic"
         embed_key = f"embed_{cfg.semantic.dedup_embedder}"
-        if "semantic" in stages and cfg.semantic.dedup:
-            if embed_key not in arrays:
-                from genfoundry.curation.inputs import CurateError
-
-                raise CurateError(f"semantic.dedup_embedder '{cfg.semantic.dedup_embedder}' is not an embedding "
-                                  f"filter among semantic.filters ({cfg.semantic.filters}); set "
-                                  f"semantic.dedup=false or add it")
+        if "semantic" in stages and cfg.semantic.dedup:  # the embedder was checked before any work
             embeddings = arrays[embed_key]
             alive = [i for i, r in enumerate(flat) if r["decision"] == "keep"]
             dup = quality.semantic_duplicates(embeddings[alive], cfg.semantic.dedup_similarity,

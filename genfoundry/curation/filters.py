@@ -126,7 +126,13 @@ def build(name: str, device: str = "cpu", threshold: float | None = None) -> Ima
 def builtin_help() -> str:
     """One line per registered filter, for --help."""
     _load_builtin()
-    return "\n".join(f"  {name:<10} {spec.summary}" for name, spec in sorted(FILTERS.items()))
+    lines = []
+    for name, spec in sorted(FILTERS.items()):
+        cls = spec.factory if isinstance(spec.factory, type) else None
+        default = (f" (drops '{cls.reason}' {'above' if cls.drop_above else 'below'} {cls.threshold:g})"
+                   if cls else "")
+        lines.append(f"  {name:<10} {spec.summary}{default}")
+    return "\n".join(lines)
 
 
 def _load_builtin() -> None:

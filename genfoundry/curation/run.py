@@ -212,15 +212,10 @@ def curate(sources: list[str] | str, out: str, cfg: CurateConfig | None = None, 
     ex = Executor(cfg.run.workers, ray)
     ex.work = work
     try:
-        rows = _stage1(slices, cfg, work, ex, progress)
-        flat = [dict(r, source=display(i.source), item=i) for items, part in zip(slices, rows)
-                for i, r in zip(items, part)]
-        counts = {"exact": basic.exact_duplicates(flat) if cfg.basic.exact_dedup else 0,
-                  "near": basic.near_duplicates(flat, cfg.basic.near_dedup_bits)}
         device = str(get_device(cfg.run.device))
         if ex.group is not None and device.startswith("cuda"):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        filters = []
+        filters = []  # built before any work, so that a wrong name or a missing package stops it at once
         if "semantic" in stages:
             thresholds = cfg.semantic.threshold_of
             filters = [registry.build(n, device=device, threshold=thresholds.get(n)) for n in cfg.semantic.filter_names]
@@ -228,6 +223,15 @@ def curate(sources: list[str] | str, out: str, cfg: CurateConfig | None = None, 
             if unknown:
                 raise CurateError(f"semantic.thresholds names {', '.join(sorted(unknown))}, which is not among "
                                   f"semantic.filters ({cfg.semantic.filters})")
+            if cfg.semantic.dedup and not any(f.embeds and f.name == cfg.semantic.dedup_embedder for f in filters):
+                raise CurateError(f"semantic.dedup_embedder '{cfg.semantic.dedup_embedder}' is not an embedding "
+                                  f"filter among semantic.filters ({cfg.semantic.filters}); set "
+                                  f"semantic.dedup=false or add it")
+        rows = _stage1(slices, cfg, work, ex, progress)
+        flat = [dict(r, source=display(i.source), item=i) for items, part in zip(slices, rows)
+                for i, r in zip(items, part)]
+        counts = {"exact": basic.exact_duplicates(flat) if cfg.basic.exact_dedup else 0,
+                  "near": basic.near_duplicates(flat, cfg.basic.near_dedup_bits)}
         scores = None
         if len(stages) > 1:
             # Stage 1's dedup decides the survivors; every rank computes it alike from the same parts.
