@@ -90,8 +90,8 @@ def test_every_bad_input_gets_a_row_and_a_reason(tmp_path):
     assert rows["bomb.png"]["message"].endswith("not decoded")
     assert rows["caf\\xe9.png"]["source_bytes"].endswith(b"caf\xe9.png")
     assert all(r["message"] for r in rows.values() if r["decision"] == "drop")
-    # readable: everything but the unreadable kinds; utilization = kept / readable
-    assert summary["num_readable"] == len(expect) - 6
+    # readable: all but what cannot be read or listed; utilization = kept / readable
+    assert summary["num_readable"] == len(expect) - 5  # a bomb is readable: a rule drops it
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["num_kept"] == 9
     assert "<svg" in (tmp_path / "out" / "funnel.svg").read_text()
 
@@ -146,7 +146,7 @@ def test_exact_and_near_duplicates_keep_the_first(tmp_path):
     assert [rows[n]["reason"] for n in "abcd" for n in [f"{n}.png" if n != "c" else "c.jpg"]] == [
         None, "exact-duplicate", "near-duplicate", None]
     assert rows["b.png"]["duplicate_of"].endswith("a.png") and rows["c.jpg"]["duplicate_of"].endswith("a.png")
-    assert summary["duplicates"] == {"exact": 1, "near": 1}
+    assert summary["duplicates"] == {"exact": 1, "near": 1, "semantic": 0}
 
 
 def test_near_duplicates_banding_is_exact():
@@ -298,7 +298,7 @@ def test_semantic_filters_and_semantic_dedup_through_curate(tmp_path):
         "rocket_small.png": "semantic-duplicate"}
     assert rows["chelsea_small.png"]["duplicate_of"].endswith("chelsea.jpg")
     assert rows["page.png"]["score_imagenet"] > 0.3 > rows["coffee.jpg"]["score_imagenet"]
-    assert summary["quality"] == {"semantic_duplicates": 3}
+    assert summary["duplicates"]["semantic"] == 3 and summary["quality"] == {}
 
 
 def test_ray_tasks_give_the_manifest_one_process_gives(tmp_path):

@@ -40,14 +40,14 @@ def finish(flat: list[dict], unlisted: list[tuple[str, str, str]], scores: list[
     stages = [s.strip() for s in cfg.run.stages.split(",")]
     report: dict = {}
     features = embeddings = None
+    semantic = 0
     if scores is not None:
-        names = [k for k in scores[0] if k.startswith(("score_", "embed_", "features"))] if scores else []
         offsets = np.cumsum([0] + [len(s) for s in slices])
-        dims = {}
+        dims = {}  # a slice without survivors has no arrays, so the shapes come from any that has
         for part in scores:
-            for key in names:
-                if key in part:
-                    dims[key] = part[key].shape[1:]
+            for key, value in part.items():
+                if key.startswith(("score_", "embed_", "features")):
+                    dims[key] = value.shape[1:]
         arrays = {key: np.full((len(flat), *dims.get(key, ())), np.nan, np.float32) for key in dims}
         for k, part in enumerate(scores):
             at = offsets[k] + part["index"]
@@ -59,7 +59,7 @@ def finish(flat: list[dict], unlisted: list[tuple[str, str, str]], scores: list[
                 kind, _, message = reason.partition(": ")
                 drop(row, kind, message or "gone since stage 1")
                 row["stage"] = "semantic" if "semantic" in stages else "quality"
-        for f in filters:
+        for f in [f for f in filters if f"score_{f.name}" in arrays]:  # none: no image reached stage 2
             column = arrays[f"score_{f.name}"]
             for i, row in enumerate(flat):
                 if np.isfinite(column[i]):
@@ -68,7 +68,7 @@ def finish(flat: list[dict], unlisted: list[tuple[str, str, str]], scores: list[
                     drop(row, f.reason, f.message(float(column[i])))
                     row["stage"] = "semantic"
         embed_key = f"embed_{cfg.semantic.dedup_embedder}"
-        if "semantic" in stages and cfg.semantic.dedup:  # the embedder was checked before any work
+        if "semantic" in stages and cfg.semantic.dedup and embed_key in arrays:  # embedder checked before any work
             embeddings = arrays[embed_key]
             alive = [i for i, r in enumerate(flat) if r["decision"] == "keep"]
             dup = quality.semantic_duplicates(embeddings[alive], cfg.semantic.dedup_similarity,
@@ -82,7 +82,7 @@ def finish(flat: list[dict], unlisted: list[tuple[str, str, str]], scores: list[
                                                     f"(semantic.dedup_similarity {cfg.semantic.dedup_similarity:g})")
                     row["duplicate_of"] = original["source"]
                     row["stage"] = "semantic"
-            report["semantic_duplicates"] = int((dup >= 0).sum())
+            semantic = int((dup >= 0).sum())
         features = arrays.get("features")
     if "quality" in stages and features is not None:
         alive = np.array([i for i, r in enumerate(flat) if r["decision"] == "keep"], dtype=np.int64)
@@ -111,4 +111,5 @@ def finish(flat: list[dict], unlisted: list[tuple[str, str, str]], scores: list[
             row["stage"] = last
     rows = [{"source": display(s), "stage": "list", "decision": "drop", "reason": reason, "message": message}
             for s, reason, message in unlisted] + flat
-    return {"rows": rows, "quality": report, "filters": [f.name for f in filters], "embeddings": embeddings}
+    return {"rows": rows, "quality": report, "filters": [f.name for f in filters], "semantic_duplicates": semantic,
+            "quality_run": "quality" in stages}

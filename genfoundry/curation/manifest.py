@@ -147,8 +147,7 @@ def summarize(rows: list[dict], quality: dict, filters: list[str], counts: dict)
         if r["decision"] == "drop":
             by_stage.setdefault(r["stage"], Counter())[r["reason"]] += 1
     unreadable = {"vanished", "unreadable", "empty", "not-an-image", "corrupt-header", "truncated", "decode-error",
-                  "symlink-loop", "broken-link", "unreadable-folder", "unreadable-archive", "empty-path",
-                  "too-many-pixels"}
+                  "symlink-loop", "broken-link", "unreadable-folder", "unreadable-archive", "empty-path"}
     kept = sum(r["decision"] == "keep" for r in rows)
     readable = sum(not (r["decision"] == "drop" and r["reason"] in unreadable) for r in rows)
     funnel, remaining = [], len(rows)
@@ -203,7 +202,7 @@ def write_outputs(outdir: Path, result: dict, cfg, sources: list, counts: dict) 
     import dataclasses
 
     rows = result["rows"]
-    extra = [f"score_{name}" for name in result["filters"]] + (["mahalanobis"] if result["quality"] else [])
+    extra = [f"score_{name}" for name in result["filters"]] + (["mahalanobis"] if result["quality_run"] else [])
     columns, types = _columns(rows, extra)
     meta = {"format_version": FORMAT_VERSION, "sources": [str(s) for s in sources], "config": dataclasses.asdict(cfg)}
     write_atomic(outdir / MANIFEST, _table_bytes(columns, types, meta))
@@ -212,7 +211,8 @@ def write_outputs(outdir: Path, result: dict, cfg, sources: list, counts: dict) 
     write_atomic(outdir / KEPT, _table_bytes({"path" if c == "source" else c: [columns[c][i] for i in kept]
                                               for c in kept_columns},
                                              dict(types, path="string"), meta))
-    summary = summarize(rows, result["quality"], result["filters"], counts)
+    summary = summarize(rows, result["quality"], result["filters"],
+                        dict(counts, semantic=result["semantic_duplicates"]))
     write_atomic(outdir / SUMMARY, json.dumps(summary, indent=1).encode())
     write_atomic(outdir / FUNNEL, funnel_svg(summary).encode())
     write_atomic(outdir / REASONS, reasons_svg(summary).encode())

@@ -51,11 +51,12 @@ class Executor:
         self.workers = workers or os.cpu_count() or 1
         self.ray = ray
         self.rank, self.world = 0, 1
-        self.group = None
+        self.group, self.owns_group = None, False
         if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # under torchrun, even with one rank
             import torch.distributed as dist
 
-            if not dist.is_initialized():
+            self.owns_group = not dist.is_initialized()
+            if self.owns_group:
                 dist.init_process_group("gloo")
             self.rank, self.world = dist.get_rank(), dist.get_world_size()
             self.group = dist.new_group(backend="gloo")  # CPU coordination only: parts travel as files
@@ -84,6 +85,11 @@ class Executor:
             self._pool.close()
             self._pool.join()
             self._pool = None
+        if self.owns_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+            self.owns_group = False
 
 
 def _progress(total: int, initial: int, desc: str, enabled: bool):
