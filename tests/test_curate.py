@@ -316,3 +316,17 @@ def test_ray_tasks_give_the_manifest_one_process_gives(tmp_path):
     curate([src], tmp_path / "one", load_curate(None, overrides), **quiet)
     read = lambda d: pq.read_table(tmp_path / d / "manifest.parquet").to_pylist()  # noqa: E731
     assert read("ray") == read("one") and len(read("one")) == 8
+
+
+def test_a_slice_without_survivors_leaves_the_others_scored(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "0a.png").write_bytes(b"")
+    (src / "0b.png").write_text("no image")
+    for i in range(3):
+        photo(i).save(src / f"{i + 1}.png")
+    cfg = load_curate(None, {**SMALL, "run.stages": "basic,semantic", "semantic.filters": "blank",
+                             "semantic.dedup": False, "run.slice_size": 2, "run.workers": 1})
+    summary = curate([src], tmp_path / "out", cfg, progress=False, print_fn=lambda *_: None)
+    rows = rows_of(tmp_path / "out")
+    assert summary["num_kept"] == 3 and all(rows[f"{i}.png"]["score_blank"] > 0.02 for i in (1, 2, 3))
