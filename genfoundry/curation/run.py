@@ -47,19 +47,24 @@ class Executor:
     """Where slices run: this process with a pool of decode workers, one of several torchrun ranks
     (each takes every world-th slice), or Ray tasks."""
 
-    def __init__(self, workers: int, ray: bool = False):
+    def __init__(self, workers: int, ray: bool = False, work: Path | None = None):
         self.workers = workers or os.cpu_count() or 1
         self.ray = ray
+        self.work = work
         self.rank, self.world = 0, 1
         self.group, self.owns_group = None, False
         if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # under torchrun, even with one rank
+            from datetime import timedelta
+
             import torch.distributed as dist
 
+            # A barrier waits for the slowest rank's share of a stage, which can take hours.
+            timeout = timedelta(hours=24)
             self.owns_group = not dist.is_initialized()
             if self.owns_group:
-                dist.init_process_group("gloo")
+                dist.init_process_group("gloo", timeout=timeout)
             self.rank, self.world = dist.get_rank(), dist.get_world_size()
-            self.group = dist.new_group(backend="gloo")  # CPU coordination only: parts travel as files
+            self.group = dist.new_group(backend="gloo", timeout=timeout)  # CPU coordination: parts are files
         self._pool = None
 
     def mine(self, slices: range) -> list[int]:
@@ -215,8 +220,7 @@ def curate(sources: list[str] | str, out: str, cfg: CurateConfig | None = None, 
     size = cfg.run.slice_size
     slices = [listing.items[i:i + size] for i in range(0, len(listing.items), size)]
     stages = [s.strip() for s in cfg.run.stages.split(",")]
-    ex = Executor(cfg.run.workers, ray)
-    ex.work = work
+    ex = Executor(cfg.run.workers, ray, work)
     try:
         device = str(get_device(cfg.run.device))
         if ex.group is not None and device.startswith("cuda"):
