@@ -164,7 +164,10 @@ def corrupted_mnist(workdir: Path, clean: int, reference: int, share: float, see
             name = f"c{i:05d}-{kind}.png"
             bad.add(name)
         Image.fromarray(image).save(src / name)
-    made.write_text(json.dumps({"clean": clean, "reference": reference, "share": share, "corrupted": sorted(bad)}))
+    from genfoundry.checkpoint.storage import write_atomic
+
+    write_atomic(made, json.dumps({"clean": clean, "reference": reference, "share": share,
+                                   "corrupted": sorted(bad)}).encode())
     return src, ref, bad
 
 
