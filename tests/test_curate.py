@@ -84,6 +84,7 @@ def test_every_bad_input_gets_a_row_and_a_reason(tmp_path):
     got = {name: r["reason"] or r["decision"] for name, r in rows.items()}
     assert got == expect
     assert summary["num_inputs"] == len(expect) and summary["num_kept"] == 9
+    assert set(summary["seconds"]) == {"basic", "decisions"}
     assert rows["rotated.jpg"]["width"] == 30 and rows["rotated.jpg"]["height"] == 60  # upright
     assert rows["cmyk.jpg"]["converted"] == "cmyk" and rows["deep16.png"]["converted"] == "high-bit-depth"
     assert rows["palette.png"]["converted"] == "alpha" and rows["rotated.jpg"]["converted"] == "exif-rotation"

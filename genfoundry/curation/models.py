@@ -18,6 +18,9 @@ from genfoundry.curation.filters import ImageFilter, MissingPackage, register, r
 from genfoundry.sources import package_file
 
 INSTALL = "pip install 'genfoundry[curate]'"
+# Packages read only for the model file they ship: installed without their dependencies (OpenCV and
+# others, which genfoundry never imports), as setup.sh does.
+MODEL_PACKAGES = "pip install --no-deps rapidocr-onnxruntime==1.4.4 nudenet==3.4.2"
 
 
 def onnx_session(path: Path, device: str, threads: int, why: str):
@@ -99,7 +102,7 @@ class OnnxFilter(ImageFilter):
         super().__init__(device, threshold)
         why = f"the '{self.name}' filter"
         try:
-            path = package_file(self.package, self.model, INSTALL, MissingPackage)
+            path = package_file(self.package, self.model, MODEL_PACKAGES, MissingPackage)
         except MissingPackage as e:
             raise MissingPackage(f"{why}: {e}") from None
         self._session = onnx_session(path, device, threads, why)

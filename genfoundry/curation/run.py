@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 from genfoundry.config import CurateConfig
@@ -237,7 +238,9 @@ def curate(sources: list[str] | str, out: str, cfg: CurateConfig | None = None, 
                 raise CurateError(f"semantic.dedup_embedder '{cfg.semantic.dedup_embedder}' is not an embedding "
                                   f"filter among semantic.filters ({cfg.semantic.filters}); set "
                                   f"semantic.dedup=false or add it")
+        clock = time.perf_counter()
         rows = _stage1(slices, cfg, work, ex, progress)
+        seconds = {"basic": time.perf_counter() - clock}
         flat = [dict(r, source=display(i.source), item=i) for items, part in zip(slices, rows)
                 for i, r in zip(items, part)]
         counts = {"exact": basic.exact_duplicates(flat) if cfg.basic.exact_dedup else 0,
@@ -249,12 +252,16 @@ def curate(sources: list[str] | str, out: str, cfg: CurateConfig | None = None, 
             for part in rows:
                 per_slice.append(flat[offset:offset + len(part)])
                 offset += len(part)
+            clock = time.perf_counter()
             scores = _stage23(slices, per_slice, cfg, work, ex, filters, device, progress)
+            seconds["semantic+quality"] = time.perf_counter() - clock
         if ex.rank != 0:
             return {}
+        clock = time.perf_counter()
         result = decide.finish(flat, listing.unlisted, scores, slices, filters, cfg, device, ex, progress)
+        seconds["decisions"] = time.perf_counter() - clock
     finally:
         ex.close()
-    summary = manifest.write_outputs(outdir, result, cfg, sources, counts)
+    summary = manifest.write_outputs(outdir, result, cfg, sources, counts, seconds)
     print_fn(manifest.summary_line(summary, outdir))
     return summary
