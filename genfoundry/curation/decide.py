@@ -24,7 +24,8 @@ def _reference_features(cfg: CurateConfig, device: str, ex, progress: bool) -> t
     with _progress(len(items), 0, "curate: quality reference", progress) as bar:
         scores = score_slice(items, Job([], True), Models([], True, device), ex.pool, cfg.quality.batch_size,
                              progress=bar.update)
-    features = scores["features"][np.isfinite(scores["features"][:, 0])] if "features" in scores else np.empty((0, 1))
+    features = scores.get("features", np.empty((0, 1)))
+    features = features[np.isfinite(features[:, 0])]
     if len(features) < 2:
         from genfoundry.curation.inputs import CurateError
 
@@ -76,8 +77,8 @@ def finish(flat: list[dict], unlisted: list[tuple[str, str, str]], scores: list[
             for a, d in enumerate(dup):
                 if d >= 0:
                     row, original = flat[alive[a]], flat[alive[d]]
-                    similarity = float(np.dot(embeddings[alive[a]], embeddings[alive[d]])
-                                       / max(np.linalg.norm(embeddings[alive[a]]) * np.linalg.norm(embeddings[alive[d]]), 1e-12))
+                    x, y = embeddings[alive[a]].astype(np.float64), embeddings[alive[d]].astype(np.float64)
+                    similarity = float(x @ y / max(np.linalg.norm(x) * np.linalg.norm(y), 1e-12))
                     drop(row, "semantic-duplicate", f"cosine similarity {similarity:.3f} to {original['source']} "
                                                     f"(semantic.dedup_similarity {cfg.semantic.dedup_similarity:g})")
                     row["duplicate_of"] = original["source"]

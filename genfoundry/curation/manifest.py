@@ -227,5 +227,6 @@ def summary_line(summary: dict, outdir: Path) -> str:
         parts.append("dropped: " + ", ".join(f"{reason} {n}" for reason, n in summary["reasons"].items()))
     q = summary["quality"]
     if q.get("fd_kept") is not None:
-        parts.append(f"FD to the reference: kept {q['fd_kept']:.2f}, random subset of the same size {q['fd_random']:.2f}")
+        parts.append(f"FD to the reference: kept {q['fd_kept']:.2f}, random subset of the same size "
+                     f"{q['fd_random']:.2f}")
     return "; ".join(parts)

@@ -146,7 +146,8 @@ def _ray_map(fn, calls: list[tuple], gpus: float) -> None:
     dataset.map(run, num_gpus=gpus or None).materialize()
 
 
-def _stage1(slices: list[list[Item]], cfg: CurateConfig, work: Path, ex: Executor, progress: bool) -> list[list[dict]]:
+def _stage1(slices: list[list[Item]], cfg: CurateConfig, work: Path, ex: Executor,
+            progress: bool) -> list[list[dict]]:
     rules = dataclasses.asdict(cfg.basic)
     recipes = [recipe("basic", 1, rules, [_identity(i) for i in items]) for items in slices]
     mine = ex.mine(range(len(slices)))
@@ -175,8 +176,8 @@ def _stage23(slices: list[list[Item]], rows: list[list[dict]], cfg: CurateConfig
     job = Job(filters, quality)
     names = [f.name for f in filters]
     survivors = [[j for j, r in enumerate(part) if r["decision"] == "keep"] for part in rows]
-    recipes = [recipe("deep", 1, names, quality, [[slices[k][j].source, rows[k][j]["sha256"]] for j in survivors[k]])
-               for k in range(len(slices))]
+    recipes = [recipe("deep", 1, names, quality,
+                      [[slices[k][j].source, rows[k][j]["sha256"]] for j in survivors[k]]) for k in range(len(slices))]
     batch = min(cfg.semantic.batch_size, cfg.quality.batch_size) if quality and filters else (
         cfg.quality.batch_size if quality else cfg.semantic.batch_size)
     mine = ex.mine(range(len(slices)))
@@ -229,7 +230,8 @@ def curate(sources: list[str] | str, out: str, cfg: CurateConfig | None = None, 
         filters = []  # built before any work, so that a wrong name or a missing package stops it at once
         if "semantic" in stages:
             thresholds = cfg.semantic.threshold_of
-            filters = [registry.build(n, device=device, threshold=thresholds.get(n)) for n in cfg.semantic.filter_names]
+            filters = [registry.build(n, device=device, threshold=thresholds.get(n))
+                       for n in cfg.semantic.filter_names]
             unknown = set(thresholds) - {f.name for f in filters} - set(cfg.semantic.filter_names)
             if unknown:
                 raise CurateError(f"semantic.thresholds names {', '.join(sorted(unknown))}, which is not among "
