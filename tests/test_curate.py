@@ -95,6 +95,10 @@ def test_every_bad_input_gets_a_row_and_a_reason(tmp_path):
     assert summary["num_readable"] == len(expect) - 5  # a bomb is readable: a rule drops it
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["num_kept"] == 9
     assert "<svg" in (tmp_path / "out" / "funnel.svg").read_text()
+    examples = json.loads((tmp_path / "out" / "examples" / "index.json").read_text())
+    assert examples["aspect-ratio"][0]["file"] == "aspect-ratio/0.jpg"  # a thumbnail of what the rule removed
+    assert Image.open(tmp_path / "out" / "examples" / "aspect-ratio" / "0.jpg").size == (128, 9)
+    assert examples["truncated"][0]["file"] is None and examples["empty"][0]["source"].endswith("empty.png")
 
     strict = load_curate(None, {**SMALL, "run.stages": "basic", "run.workers": 1, "basic.cmyk": "reject",
                                 "basic.high_bit_depth": "reject", "basic.alpha": "reject", "basic.animated": "convert",

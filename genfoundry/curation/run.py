@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from genfoundry.config import CurateConfig
-from genfoundry.curation import basic, manifest
+from genfoundry.curation import basic, examples, manifest
 from genfoundry.curation.deep import Job, Models, score_slice
 from genfoundry.curation.inputs import CurateError, Item, display, list_sources
 from genfoundry.errors import writable_directory
@@ -265,5 +265,6 @@ def curate(sources: list[str] | str, out: str, cfg: CurateConfig | None = None, 
     finally:
         ex.close()
     summary = manifest.write_outputs(outdir, result, cfg, sources, counts, seconds)
+    examples.write(outdir, result["rows"])
     print_fn(manifest.summary_line(summary, outdir))
     return summary
