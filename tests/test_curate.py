@@ -272,6 +272,7 @@ def test_torchrun_ranks_share_the_slices(tmp_path):
     done = subprocess.run([sys.executable, "-m", "genfoundry", *args, "--out", str(tmp_path / "two"), "--nproc", "2"],
                           env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "curate: basic" not in done.stderr  # progress bars are for terminals, and for rank 0 only
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
     strip = lambda rows: [{k: v for k, v in r.items()} for r in rows]  # noqa: E731
     one = strip(pq.read_table(tmp_path / "one" / "manifest.parquet").to_pylist())

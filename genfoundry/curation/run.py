@@ -99,9 +99,13 @@ class Executor:
 
 
 def _progress(total: int, initial: int, desc: str, enabled: bool):
+    """A bar with rate and ETA, on rank 0 only and only on a terminal (tqdm's disable=None), so logs of
+    other ranks and redirected output stay free of carriage-return noise."""
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, unit="img", desc=desc, disable=not enabled, dynamic_ncols=True)
+    shown = enabled and os.environ.get("RANK", "0") == "0"
+    return tqdm(total=total, initial=initial, unit="img", desc=desc, disable=None if shown else True,
+                dynamic_ncols=True)
 
 
 def basic_slice(k: int, items: list[Item], rules, work: Path, key: str, pool=None, progress=None) -> None:

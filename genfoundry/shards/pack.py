@@ -383,7 +383,8 @@ def pack(src: str, out: str, samples_per_shard: int = 1000, resolution: int | No
 
     failed = len(inputs.left_out) + sum(len(r["failures"]) for r in records.values())
     with tqdm(total=len(inputs.items), initial=sum(r["num_inputs"] for r in records.values()), unit="img",
-              desc=f"pack {Path(str(src)).name or src}", disable=not progress, dynamic_ncols=True) as bar:
+              desc=f"pack {Path(str(src)).name or src}", disable=None if progress else True,
+              dynamic_ncols=True) as bar:  # None: shown on a terminal only
         for record in _run(tasks, workers or os.cpu_count() or 1):
             records[record["number"]] = record
             failed += len(record["failures"])
