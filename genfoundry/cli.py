@@ -34,6 +34,7 @@ def _config_epilog() -> str:
 
 
 def _curate_epilog() -> str:
+    from genfoundry.curation.config import CurateConfig
     from genfoundry.curation.filters import builtin_help
 
     width = max(80, min(120, shutil.get_terminal_size().columns)) - 2
@@ -41,7 +42,7 @@ def _curate_epilog() -> str:
                  "--run.stages=basic); sections: run, basic, semantic, quality")
     return (f"{textwrap.fill(overrides, width)}\n\nsemantic filters (semantic.filters; a threshold by "
             f"semantic.thresholds=name=value):\n{builtin_help()}\n\nconfig keys and their defaults:\n"
-            f"{config_lib.keys_help(width, config_lib.CurateConfig)}")
+            f"{config_lib.keys_help(width, CurateConfig)}")
 
 
 def _config_args(p: argparse.ArgumentParser, default_recipe: str | None) -> None:
@@ -293,8 +294,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "curate":
             from genfoundry.curation import curate
+            from genfoundry.curation.config import load_curate
 
-            cfg = config_lib.load_curate(args.config, config_lib.parse_overrides(rest))
+            cfg = load_curate(args.config, config_lib.parse_overrides(rest))
             if args.dry_run:
                 print(config_lib.dumps(cfg), end="")
                 return 0

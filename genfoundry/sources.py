@@ -57,7 +57,14 @@ class ImageSet:
 
 
 def read_table(path: Path) -> tuple[list[dict], list[str]]:
-    """The rows and column names of a .csv or .parquet list of images."""
+    """The rows and column names of a .csv or .parquet list of images, which must have a 'path' column."""
+    rows, columns = _read_table(path)
+    if "path" not in columns:
+        raise SourceError(f"'{path}' has no 'path' column (its columns: {', '.join(columns) or 'none'})")
+    return rows, columns
+
+
+def _read_table(path: Path) -> tuple[list[dict], list[str]]:
     if path.suffix.lower() == ".csv":
         try:
             with open(path, newline="", encoding="utf-8-sig") as f:

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from genfoundry.cli import main
-from genfoundry.config import load_curate
+from genfoundry.curation.config import load_curate
 from genfoundry.curation import basic, curate
 from genfoundry.curation.inputs import Item
 

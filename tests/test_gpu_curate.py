@@ -32,7 +32,7 @@ def _scores(out: Path) -> dict[str, dict]:
 
 
 def test_scores_on_the_gpu_equal_the_cpu_ones(tmp_path):
-    from genfoundry.config import load_curate
+    from genfoundry.curation.config import load_curate
     from genfoundry.curation import curate
 
     src = _folder(tmp_path)

@@ -68,7 +68,7 @@ def plain_stage1(paths: list[Path]) -> float:
 
 
 def stage1(workdir: Path, images: int, workers: int) -> dict:
-    from genfoundry.config import load_curate
+    from genfoundry.curation.config import load_curate
     from genfoundry.curation import curate
 
     paths = photo_set(workdir / "photos", images)
@@ -174,7 +174,7 @@ def corrupted_mnist(workdir: Path, clean: int, reference: int, share: float, see
 def quality(workdir: Path, clean: int, reference: int, share: float, device: str, keep: float) -> dict:
     import pyarrow.parquet as pq
 
-    from genfoundry.config import load_curate
+    from genfoundry.curation.config import load_curate
     from genfoundry.curation import curate
 
     src, ref, bad = corrupted_mnist(workdir, clean, reference, share)

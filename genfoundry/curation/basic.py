@@ -14,7 +14,7 @@ import warnings
 
 import numpy as np
 
-from genfoundry.config import BasicConfig
+from genfoundry.curation.config import BasicConfig
 from genfoundry.curation.inputs import Item
 from genfoundry.sources import as_8bit, failure_reason, oriented_size, orientation, read_input
 

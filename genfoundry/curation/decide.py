@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from genfoundry.config import CurateConfig
+from genfoundry.curation.config import CurateConfig
 from genfoundry.curation import quality
 from genfoundry.curation.basic import drop
 from genfoundry.curation.inputs import Item, display, list_sources
@@ -102,8 +102,7 @@ def finish(flat: list[dict], unlisted: list[tuple[str, str, str]], scores: list[
                     drop(flat[i], "low-density", f"Mahalanobis distance {distances[a]:.4g} to the reference is above "
                                                  f"the cut {cut:.4g}")
                     flat[i]["stage"] = "quality"
-            ref_mu, ref_sigma = np.asarray(ref, np.float64).mean(0), np.cov(np.asarray(ref, np.float64), rowvar=False)
-            report.update(quality.compare(candidates, keep, ref_mu, ref_sigma, cfg.run.seed),
+            report.update(quality.compare(candidates, keep, mu, sigma, cfg.run.seed),  # the unshrunk Gaussian
                           reference=where, num_reference=len(ref), cut=cut, num_candidates=len(alive),
                           shrinkage=shrinkage)
     last = stages[-1]

@@ -86,11 +86,9 @@ def _folder(root: Path, listing: Listing) -> None:
 
 def _table(path: Path, listing: Listing) -> None:
     try:
-        rows, columns = read_table(path)
+        rows, _ = read_table(path)
     except SourceError as e:
         raise CurateError(str(e)) from None
-    if "path" not in columns:
-        raise CurateError(f"'{path}' has no 'path' column (its columns: {', '.join(columns) or 'none'})")
     base = Path(os.path.abspath(path.parent))
     for row in rows:
         value = row.get("path")

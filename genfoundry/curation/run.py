@@ -16,7 +16,7 @@ import os
 import time
 from pathlib import Path
 
-from genfoundry.config import CurateConfig
+from genfoundry.curation.config import CurateConfig
 from genfoundry.curation import basic, examples, manifest
 from genfoundry.curation.deep import Job, Models, score_slice
 from genfoundry.curation.inputs import CurateError, Item, display, list_sources

@@ -119,8 +119,6 @@ def _list_file(path: Path) -> Inputs:
         rows, columns = read_table(path)
     except SourceError as e:
         raise ShardError(str(e)) from None
-    if "path" not in columns:
-        raise ShardError(f"'{path}' has no 'path' column (its columns: {', '.join(columns) or 'none'})")
     if not rows:
         raise ShardError(f"'{path}' lists no images")
     base = Path(os.path.abspath(path.parent))
