@@ -155,13 +155,15 @@ class InceptionFeatures:
             return self.net(x).double().cpu().numpy()
 
     def __call__(self, images, progress=None) -> np.ndarray:
+        """`progress(n)`, if given, is called after each batch with its number of images: a bar's
+        `update`, as curation's stages take it."""
         images = to_nhwc_uint8(images)
         out = np.empty((len(images), FEATURE_DIM), dtype=np.float64)
         for start in range(0, len(images), self.batch_size):
             x = prepare(images[start:start + self.batch_size], self.resize)
             out[start:start + len(x)] = self.forward(x)
             if progress:
-                progress(start + len(x), len(images))
+                progress(len(x))
         return out
 
 

@@ -47,6 +47,7 @@ from genfoundry.diffusion import FlowMatching
 from genfoundry.distributed.state import HookState, ParallelState
 from genfoundry.errors import ConfigError, GenfoundryError, writable_directory
 from genfoundry.models import MODELS, DiT, DiTArch
+from genfoundry.progress import bar
 from genfoundry.sources import ImageSet
 from genfoundry.trainer.state import TrainerState
 from genfoundry.bench.checkpoint_methods import LABELS, METHODS, SAVERS
@@ -186,9 +187,10 @@ def timed_step(run: BenchRun, before_update=lambda: None, save=None) -> tuple[fl
     return time.perf_counter() - started, call
 
 
-def measure(run: BenchRun, method: str, directory: Path, steps: int, every: int, warmup: int) -> dict:
+def measure(run: BenchRun, method: str, directory: Path, steps: int, every: int, warmup: int,
+            progress=lambda n: None) -> dict:
     """Times `steps` training steps with a save of `method` before each step of `save_steps`; the
-    method's files are removed after."""
+    method's files are removed after. `progress(1)` after each step, outside its timing."""
     at = save_steps(steps, every)
     durations, calls, settle = [], [], 0.0
     directory.mkdir()
@@ -196,6 +198,7 @@ def measure(run: BenchRun, method: str, directory: Path, steps: int, every: int,
         saver = SAVERS[method](run, directory)
         for _ in range(warmup):
             timed_step(run)
+            progress(1)
         for s in range(steps):
             if s in at:
                 started = time.perf_counter()
@@ -205,6 +208,7 @@ def measure(run: BenchRun, method: str, directory: Path, steps: int, every: int,
             durations.append(duration)
             if s in at:
                 calls.append(call)
+            progress(1)
         started = time.perf_counter()
         saver.close()
         settle += time.perf_counter() - started
@@ -306,15 +310,18 @@ def run(device: str = "auto", preset: str | None = None, params: float | None = 
             f"batch {batch_size} of {net.in_channels}x{net.image_size}x{net.image_size}, {precision}")
         say(f"saves before steps {', '.join(map(str, at))} of {steps}, after {warmup} warm-up step(s), in {root}")
         results, failed = {}, {}
-        for method in methods:
-            try:
-                results[method] = measure(bench, method, root / method, steps, every, warmup)
-            except Exception as e:  # noqa: BLE001 - a baseline that this torch cannot run is reported
-                if method == "genfoundry":
-                    raise  # ours keeps its traceback
-                failed[method] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-                say(f"{LABELS[method]}: failed on torch {torch.__version__} ({failed[method]}); left out")
-            free_host_memory(dev)
+        with bar(len(methods) * (warmup + steps), "bench checkpoint", unit="step") as shown:
+            for k, method in enumerate(methods, 1):
+                try:
+                    results[method] = measure(bench, method, root / method, steps, every, warmup, shown.update)
+                except Exception as e:  # noqa: BLE001 - a baseline that this torch cannot run is reported
+                    if method == "genfoundry":
+                        raise  # ours keeps its traceback
+                    failed[method] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                    with shown.external_write_mode():
+                        say(f"{LABELS[method]}: failed on torch {torch.__version__} ({failed[method]}); left out")
+                    shown.update(k * (warmup + steps) - shown.n)  # the steps it did not run
+                free_host_memory(dev)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     ratios, targets = compare(results)

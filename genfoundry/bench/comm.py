@@ -29,6 +29,7 @@ import torch.distributed as dist
 from genfoundry import accel
 from genfoundry.checkpoint.storage import write_atomic
 from genfoundry.distributed import costmodel, parallel, torus
+from genfoundry.progress import bar
 
 DEFAULT_SIZES = [4096 * 4**k for k in range(9)]  # 4 KiB ... 256 MiB
 NCCL_ALGOS = ("Ring", "Tree")
@@ -82,12 +83,14 @@ def candidates(device: torch.device, backend: str) -> dict:
 
 
 def measure(ops: dict, sizes: list[int], device: torch.device, iters: int, warmup: int) -> dict:
-    """name -> {bytes: seconds} for fp32 tensors of each size."""
+    """name -> {bytes: seconds} for fp32 tensors of each size; a bar (rank 0) over the timings."""
     timings = {name: {} for name in ops}
-    for n_bytes in sizes:
-        x = torch.zeros(max(1, n_bytes // 4), dtype=torch.float32, device=device)  # zeros: sums stay finite
-        for name, op in ops.items():
-            timings[name][n_bytes] = time_op(functools.partial(op, x), device, iters, warmup)
+    with bar(len(sizes) * len(ops), "bench comm", unit="timing") as shown:
+        for n_bytes in sizes:
+            x = torch.zeros(max(1, n_bytes // 4), dtype=torch.float32, device=device)  # zeros: sums stay finite
+            for name, op in ops.items():
+                timings[name][n_bytes] = time_op(functools.partial(op, x), device, iters, warmup)
+                shown.update()
     return timings
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from genfoundry import metrics
 from genfoundry.checkpoint.storage import write_atomic
 from genfoundry.distributed.launch import torchrun_command
+from genfoundry.progress import bar
 
 METHODS = ("none", "topk", "powersgd")
 
@@ -55,11 +56,14 @@ def run(nproc: int = 2, recipe: str = "mnist", overrides: list[str] | None = Non
     root = Path(workdir or tempfile.mkdtemp(prefix="genfoundry-compression-"))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     results = []
-    for method in methods:
-        r = train_run(method, nproc, recipe, overrides, root)
-        results.append(r)
-        print(f"{method:>9}: val_loss {r['val_loss']:.4f} (ema {r['val_loss_ema']:.4f}), "
-              f"{r['images_per_s']:.1f} images/s, bytes/step {r['bytes_per_step'] or 'n/a'}", flush=True)
+    with bar(len(methods), "bench compression", unit="run") as shown:
+        for method in methods:
+            r = train_run(method, nproc, recipe, overrides, root)
+            results.append(r)
+            shown.update()
+            with shown.external_write_mode():
+                print(f"{method:>9}: val_loss {r['val_loss']:.4f} (ema {r['val_loss_ema']:.4f}), "
+                      f"{r['images_per_s']:.1f} images/s, bytes/step {r['bytes_per_step'] or 'n/a'}", flush=True)
     base = next((r for r in results if r["method"] == "none"), None)
     for r in results:
         if base is None or r is base:

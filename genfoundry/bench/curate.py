@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from genfoundry.progress import bar
+
 WIDTH, HEIGHT = 500, 375
 
 
@@ -40,15 +42,18 @@ def photo_set(folder: Path, count: int, seed: int = 0) -> list[Path]:
     except ImportError:
         bases = [Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((800, 600), Image.BICUBIC)
                  for _ in range(6)]
-    for n in range(count):
-        base = bases[n % len(bases)]
-        scale = rng.uniform(1.0, 1.6)
-        big = base.resize((max(WIDTH, int(base.width * scale)), max(HEIGHT, int(base.height * scale))), Image.BILINEAR)
-        x, y = rng.integers(0, big.width - WIDTH + 1), rng.integers(0, big.height - HEIGHT + 1)
-        image = big.crop((x, y, x + WIDTH, y + HEIGHT))
-        if rng.random() < 0.5:
-            image = ImageOps.mirror(image)
-        image.save(folder / f"{n:06d}.jpg", quality=90)
+    with bar(count, "bench curate: photos") as shown:
+        for n in range(count):
+            base = bases[n % len(bases)]
+            scale = rng.uniform(1.0, 1.6)
+            big = base.resize((max(WIDTH, int(base.width * scale)), max(HEIGHT, int(base.height * scale))),
+                              Image.BILINEAR)
+            x, y = rng.integers(0, big.width - WIDTH + 1), rng.integers(0, big.height - HEIGHT + 1)
+            image = big.crop((x, y, x + WIDTH, y + HEIGHT))
+            if rng.random() < 0.5:
+                image = ImageOps.mirror(image)
+            image.save(folder / f"{n:06d}.jpg", quality=90)
+            shown.update()
     return sorted(folder.glob("*.jpg"))[:count]
 
 
@@ -80,7 +85,7 @@ def stage1(workdir: Path, images: int, workers: int) -> dict:
 
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
-    summary = curate([str(workdir / "photos")], str(out), cfg, progress=False, print_fn=lambda *_: None)
+    summary = curate([str(workdir / "photos")], str(out), cfg, print_fn=lambda *_: None)
     seconds = time.perf_counter() - start
     baseline = plain_stage1(paths[: min(len(paths), 300)])
     return {"images": len(paths), "processes": cores, "seconds": seconds, "images_per_s": len(paths) / seconds,
@@ -110,9 +115,10 @@ def deep(workdir: Path, images: int, workers: int, device: str, filters: list[st
     with get_context("spawn").Pool(cores) as pool:
         score_slice(items[:batch * 2], job, models, pool, batch)  # workers started and imported
         synchronize(dev)
-        start = time.perf_counter()
-        score_slice(items, job, models, pool, batch)
-        synchronize(dev)
+        with bar(len(items), "bench curate: stages 2-3") as shown:  # moved once a batch
+            start = time.perf_counter()
+            score_slice(items, job, models, pool, batch, progress=shown.update)
+            synchronize(dev)
         seconds = time.perf_counter() - start
     few = items[: min(len(items), 256)]
     start = time.perf_counter()
@@ -184,7 +190,7 @@ def quality(workdir: Path, clean: int, reference: int, share: float, device: str
                                  "basic.near_dedup_bits": -1, "basic.exact_dedup": False, "run.device": device,
                                  "quality.keep_quantile": keep, "quality.reference": str(ref) if where == "reference"
                                  else ""})
-        summary = curate([str(src)], str(workdir / f"quality-{where}"), cfg, progress=False, print_fn=lambda *_: None)
+        summary = curate([str(src)], str(workdir / f"quality-{where}"), cfg, print_fn=lambda *_: None)
         rows = pq.read_table(workdir / f"quality-{where}" / "manifest.parquet").to_pylist()
         dropped = {Path(r["source"]).name for r in rows if r["reason"] == "low-density"}
         by_kind = {}

@@ -21,6 +21,7 @@ import numpy as np
 
 from genfoundry.checkpoint.storage import write_atomic
 from genfoundry.errors import ConfigError
+from genfoundry.progress import bar
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -68,17 +69,19 @@ def make_jpegs(out: str | Path, count: int = 2000, width: int = 500, height: int
     out = Path(out)
     for c in ("a", "b"):
         (out / c).mkdir(parents=True, exist_ok=True)
-    for i in range(count):
-        src = photos[i % len(photos)]
-        h, w = src.shape[:2]
-        ch, cw = int(h * rng.uniform(0.5, 1)), int(w * rng.uniform(0.5, 1))
-        y0, x0 = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-        crop = src[y0:y0 + ch, x0:x0 + cw].astype(np.float32)
-        if rng.random() < 0.5:
-            crop = crop[:, ::-1]
-        crop = np.clip(crop * rng.uniform(0.7, 1.3, size=3) + rng.uniform(-20, 20, size=3), 0, 255).astype(np.uint8)
-        Image.fromarray(crop).resize((width, height), Image.Resampling.BICUBIC).save(
-            out / ("a" if i % 2 else "b") / f"{i:05d}.jpg", quality=quality)
+    with bar(count, "bench data: JPEGs") as shown:
+        for i in range(count):
+            src = photos[i % len(photos)]
+            h, w = src.shape[:2]
+            ch, cw = int(h * rng.uniform(0.5, 1)), int(w * rng.uniform(0.5, 1))
+            y0, x0 = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+            crop = src[y0:y0 + ch, x0:x0 + cw].astype(np.float32)
+            if rng.random() < 0.5:
+                crop = crop[:, ::-1]
+            crop = np.clip(crop * rng.uniform(0.7, 1.3, size=3) + rng.uniform(-20, 20, size=3), 0, 255)
+            Image.fromarray(crop.astype(np.uint8)).resize((width, height), Image.Resampling.BICUBIC).save(
+                out / ("a" if i % 2 else "b") / f"{i:05d}.jpg", quality=quality)
+            shown.update()
     return out
 
 
@@ -142,9 +145,8 @@ def genfoundry_throughput(shards: str, workers: int, batch: int, seconds: float,
 
         profiler = cProfile.Profile()
         profiler.enable()
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        n += next(it).images.shape[0]
+    t0 = time.perf_counter()
+    n = _run_for(seconds, "bench data: genfoundry", lambda: next(it).images.shape[0])
     accel.synchronize(dev)
     rate = n / (time.perf_counter() - t0)
     hot = _hottest(profiler) if profiler else None
@@ -159,6 +161,21 @@ def genfoundry_throughput(shards: str, workers: int, batch: int, seconds: float,
     return {"images_per_s": rate, "images": n, "decode": label,
             "rss_mb_over_time": rss.samples, "peak_rss_mb": max(m for _, m in rss.samples),
             "device_memory_used_gb": used, "main_process_profile": hot}
+
+
+def _run_for(seconds: float, desc: str, step) -> int:
+    """Calls `step()`, which returns how many images it made, until `seconds` have passed; the images made.
+    Its bar counts the seconds and moves once a second: moved per call it would cost time the rate counts."""
+    n, t0, tick = 0, time.perf_counter(), 1
+    with bar(round(seconds), desc, unit="s") as shown:
+        while (elapsed := time.perf_counter() - t0) < seconds:
+            n += step()
+            if elapsed >= tick:
+                shown.set_postfix_str(f"{n / elapsed:.0f} img/s", refresh=False)
+                shown.update(int(elapsed) + 1 - tick)
+                tick = int(elapsed) + 1
+        shown.update(round(seconds) + 1 - tick)
+    return n
 
 
 def _hottest(profiler, count: int = 20) -> list[dict]:
@@ -187,12 +204,15 @@ def raw_gpu_decode(folder: Path, batch: int, seconds: float, device: str) -> dic
     for b in batches[:3]:
         torchvision.io.decode_jpeg(b, device=device)
     torch.cuda.synchronize()
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
+
+    def every_batch() -> int:
         for b in batches:
             torchvision.io.decode_jpeg(b, device=device)
-            n += len(b)
         torch.cuda.synchronize()
+        return sum(len(b) for b in batches)
+
+    t0 = time.perf_counter()
+    n = _run_for(seconds, "bench data: decode_jpeg", every_batch)
     return {"images_per_s": n / (time.perf_counter() - t0), "torchvision": torchvision.__version__}
 
 
@@ -208,7 +228,7 @@ def run(workers: int = 2, batch: int = 64, count: int = 2000, seconds: float = 3
         print(f"writing {count} JPEGs to {folder}", flush=True)
         make_jpegs(folder, count, width, height)
     shards = work / "shards"
-    pack(str(folder), str(shards), samples_per_shard=500, progress=False)
+    pack(str(folder), str(shards), samples_per_shard=500)
     gpu = {"auto": None, "gpu": True, "gpu-main": True, "cpu": False}[decode]
     ours = genfoundry_throughput(str(shards), workers, batch, seconds, warmup, device, crop, gpu, profile,
                                  decode_in_workers=decode != "gpu-main", fast_jpeg=fast_jpeg)

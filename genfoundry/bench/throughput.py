@@ -16,6 +16,7 @@ from genfoundry import accel, seeding
 from genfoundry.checkpoint.storage import write_atomic
 from genfoundry.diffusion import FlowMatching
 from genfoundry.models import build_model
+from genfoundry.progress import bar
 
 
 def _timer(device: torch.device):
@@ -170,34 +171,36 @@ def run(presets: list[str], batch_size: int, precision: str, compile: str, steps
 
     dev = accel.get_device(device)
     parallel.init_process_group(dev, 600)
-    say = print if accel.rank() == 0 else (lambda *a, **k: None)
-    ceilings = {}
-    for prec in precisions or [precision]:
-        ceilings[prec] = matmul_ceiling(dev, prec)
-        say(f"matrix-product ceiling ({prec}, {accel.device_name(dev)}): {ceilings[prec] / 1e12:.1f} TFLOP/s; "
-            f"{accel.world_size()} rank(s)")
+    impls = ("genfoundry", "baseline") if baseline else ("genfoundry",)
+    runs = [(preset, prec, impl) for preset in presets for prec in precisions or [precision] for impl in impls]
     results = []
-    for preset in presets:
+    with bar(len(runs), "bench train", unit="run") as shown:
+        say = shown.write if accel.rank() == 0 else (lambda *a, **k: None)  # printed above the bar
+        ceilings = {}
         for prec in precisions or [precision]:
+            ceilings[prec] = matmul_ceiling(dev, prec)
+            say(f"matrix-product ceiling ({prec}, {accel.device_name(dev)}): {ceilings[prec] / 1e12:.1f} TFLOP/s; "
+                f"{accel.world_size()} rank(s)")
+        for preset, prec, impl in runs:
             ceiling = ceilings[prec]
-            for impl in ("genfoundry", "baseline") if baseline else ("genfoundry",):
-                r = train_throughput(preset, batch_size=batch_size, precision=prec, compile=compile, steps=steps,
-                                     device=device, impl=impl, profile=profile and impl == "genfoundry")
-                r["matmul_ceiling_tflops"] = ceiling / 1e12
-                r["mfu_measured_ceiling"] = r["achieved_tflops"] * 1e12 / (ceiling * accel.world_size())
-                mfu = f"{r['mfu_datasheet']:.1%}" if r["mfu_datasheet"] is not None else "n/a"
-                mem = f"{r['peak_memory_gb']:.1f} GB" if r["peak_memory_gb"] else "n/a"
-                say(f"{preset} {prec} {impl:>10} x{r['world_size']}: {r['images_per_s']:.0f} images/s, "
-                    f"{r['achieved_tflops']:.1f} TFLOP/s, MFU {mfu} of datasheet peak, "
-                    f"{r['mfu_measured_ceiling']:.1%} of measured ceiling, peak memory {mem}")
-                if r["kernels"]:
-                    kinds = ", ".join(f"{k} {v:.1f}" for k, v in sorted(r["kernels"]["ms_per_step_by_kind"].items(),
-                                                                       key=lambda kv: -kv[1]))
-                    say(f"  device ms per step by kernel kind: {kinds}")
-                results.append(r)
-                if dev.type == "cuda":
-                    torch.cuda.empty_cache()
-            if baseline:
+            r = train_throughput(preset, batch_size=batch_size, precision=prec, compile=compile, steps=steps,
+                                 device=device, impl=impl, profile=profile and impl == "genfoundry")
+            shown.update()
+            r["matmul_ceiling_tflops"] = ceiling / 1e12
+            r["mfu_measured_ceiling"] = r["achieved_tflops"] * 1e12 / (ceiling * accel.world_size())
+            mfu = f"{r['mfu_datasheet']:.1%}" if r["mfu_datasheet"] is not None else "n/a"
+            mem = f"{r['peak_memory_gb']:.1f} GB" if r["peak_memory_gb"] else "n/a"
+            say(f"{preset} {prec} {impl:>10} x{r['world_size']}: {r['images_per_s']:.0f} images/s, "
+                f"{r['achieved_tflops']:.1f} TFLOP/s, MFU {mfu} of datasheet peak, "
+                f"{r['mfu_measured_ceiling']:.1%} of measured ceiling, peak memory {mem}")
+            if r["kernels"]:
+                kinds = ", ".join(f"{k} {v:.1f}" for k, v in sorted(r["kernels"]["ms_per_step_by_kind"].items(),
+                                                                   key=lambda kv: -kv[1]))
+                say(f"  device ms per step by kernel kind: {kinds}")
+            results.append(r)
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+            if impl == "baseline":
                 ours, base = results[-2], results[-1]
                 say(f"{preset} {prec}: genfoundry / baseline = {ours['images_per_s'] / base['images_per_s']:.2f}x")
     if out and accel.rank() == 0:

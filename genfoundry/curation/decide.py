@@ -14,16 +14,17 @@ def _reference_features(cfg: CurateConfig, device: str, ex, progress: bool) -> t
     """TF-Inception features of the quality reference folder, computed once and kept under work/."""
     from genfoundry.curation import manifest
     from genfoundry.curation.deep import Job, Models, score_slice
-    from genfoundry.curation.run import _identity, _progress, recipe
+    from genfoundry.curation.run import _identity, recipe
+    from genfoundry.progress import bar
 
     items = list_sources([cfg.quality.reference]).items
     key = recipe("reference", 1, [_identity(i) for i in items])
     cached = manifest.read_reference(ex.work, key)
     if cached is not None:
         return cached, cfg.quality.reference
-    with _progress(len(items), 0, "curate: quality reference", progress) as bar:
+    with bar(len(items), "curate: quality reference", enabled=progress) as shown:
         scores = score_slice(items, Job([], True), Models([], True, device), ex.pool, cfg.quality.batch_size,
-                             progress=bar.update)
+                             progress=shown.update)
     features = scores.get("features", np.empty((0, 1)))
     features = features[np.isfinite(features[:, 0])]
     if len(features) < 2:
@@ -111,5 +112,10 @@ def finish(flat: list[dict], unlisted: list[tuple[str, str, str]], scores: list[
             row["stage"] = last
     rows = [{"source": display(s), "stage": "list", "decision": "drop", "reason": reason, "message": message}
             for s, reason, message in unlisted] + flat
+    # How each score column was cut, for the report's histograms: drop above (or below) the threshold.
+    thresholds = {f"score_{f.name}": {"threshold": f.threshold, "drop_above": f.drop_above, "reason": f.reason}
+                  for f in filters}
+    if report.get("cut") is not None:
+        thresholds["mahalanobis"] = {"threshold": report["cut"], "drop_above": True, "reason": "low-density"}
     return {"rows": rows, "quality": report, "filters": [f.name for f in filters], "semantic_duplicates": semantic,
-            "quality_run": "quality" in stages}
+            "quality_run": "quality" in stages, "thresholds": thresholds}

@@ -214,6 +214,7 @@ def write_outputs(outdir: Path, result: dict, cfg, sources: list, counts: dict, 
     summary = summarize(rows, result["quality"], result["filters"],
                         dict(counts, semantic=result["semantic_duplicates"]))
     summary["seconds"] = {k: round(v, 3) for k, v in seconds.items()}  # this run's: resumed work is not redone
+    summary["thresholds"] = result["thresholds"]
     write_atomic(outdir / SUMMARY, json.dumps(summary, indent=1).encode())
     write_atomic(outdir / FUNNEL, funnel_svg(summary).encode())
     write_atomic(outdir / REASONS, reasons_svg(summary).encode())

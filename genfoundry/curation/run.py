@@ -21,6 +21,7 @@ from genfoundry.curation import basic, examples, manifest
 from genfoundry.curation.deep import Job, Models, score_slice
 from genfoundry.curation.inputs import CurateError, Item, display, list_sources
 from genfoundry.errors import writable_directory
+from genfoundry.progress import bar
 
 WORK = "work"
 
@@ -98,16 +99,6 @@ class Executor:
             self.owns_group = False
 
 
-def _progress(total: int, initial: int, desc: str, enabled: bool):
-    """A bar with rate and ETA, on rank 0 only and only on a terminal (tqdm's disable=None), so logs of
-    other ranks and redirected output stay free of carriage-return noise."""
-    from tqdm import tqdm
-
-    shown = enabled and os.environ.get("RANK", "0") == "0"
-    return tqdm(total=total, initial=initial, unit="img", desc=desc, disable=None if shown else True,
-                dynamic_ncols=True)
-
-
 def basic_slice(k: int, items: list[Item], rules, work: Path, key: str, pool=None, progress=None) -> None:
     """Stage 1 on one slice, written as its part file."""
     chunks = [(items[i:i + 32], rules) for i in range(0, len(items), 32)]
@@ -157,12 +148,12 @@ def _stage1(slices: list[list[Item]], cfg: CurateConfig, work: Path, ex: Executo
     mine = ex.mine(range(len(slices)))
     todo = [k for k in mine if manifest.read_part(work, "basic", k, recipes[k]) is None]
     total = sum(len(slices[k]) for k in mine)
-    with _progress(total, total - sum(len(slices[k]) for k in todo), "curate: basic", progress) as bar:
+    with bar(total, "curate: basic", initial=total - sum(len(slices[k]) for k in todo), enabled=progress) as shown:
         if ex.ray:
             _ray_map(basic_slice, [(k, slices[k], cfg.basic, work, recipes[k]) for k in todo], 0)
-            bar.update(sum(len(slices[k]) for k in todo))
+            shown.update(sum(len(slices[k]) for k in todo))
         for k in [] if ex.ray else todo:
-            basic_slice(k, slices[k], cfg.basic, work, recipes[k], ex.pool, bar.update)
+            basic_slice(k, slices[k], cfg.basic, work, recipes[k], ex.pool, shown.update)
     ex.barrier()
     parts = []
     for k, items in enumerate(slices):
@@ -188,15 +179,16 @@ def _stage23(slices: list[list[Item]], rows: list[list[dict]], cfg: CurateConfig
     todo = [k for k in mine if manifest.read_scores(work, k, recipes[k]) is None]
     total = sum(len(survivors[k]) for k in mine)
     calls = [(k, [slices[k][j] for j in survivors[k]], survivors[k], job) for k in todo]
-    with _progress(total, total - sum(len(survivors[k]) for k in todo), "curate: semantic + quality", progress) as bar:
+    with bar(total, "curate: semantic + quality", initial=total - sum(len(survivors[k]) for k in todo),
+             enabled=progress) as shown:
         if ex.ray and calls:
             _ray_map(deep_slice, [(*c, None, device, batch, work, recipes[c[0]]) for c in calls],
                      1 if device.startswith("cuda") else 0)
-            bar.update(sum(len(c[1]) for c in calls))
+            shown.update(sum(len(c[1]) for c in calls))
         elif calls:
             models = Models(filters, quality, device)
             for call in calls:
-                deep_slice(*call, models, device, batch, work, recipes[call[0]], ex.pool, bar.update)
+                deep_slice(*call, models, device, batch, work, recipes[call[0]], ex.pool, shown.update)
     ex.barrier()
     out = []
     for k in range(len(slices)):

