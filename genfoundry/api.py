@@ -236,11 +236,36 @@ def evaluate(run_dir: str | Path, num_samples: int | None = None, reference: str
                   step=meta["step"], weights=meta["weights"])
     name = f"fid-{num_samples}.json" if snapshot is None else f"fid-{num_samples}-step{meta['step']:09d}.json"
     write_atomic(out / name, json.dumps(result, indent=2).encode())
+    record_fid(Path(run_dir), cfg, result)
     identity = result["reference_identity"]
     print_fn(f"FID {result['fid']:.3f}  ({result['num_generated']} generated vs {result['num_reference']} "
              f"reference images of {result['reference']}; {identity['resolution']}x{identity['resolution']}x"
              f"{identity['channels']}, resize {resize}, network {identity['network_sha256']})")
     return result
+
+
+def build_report(run_dirs: list[str | Path] | str | Path, out: str | Path | None = None,
+                 curation: str | Path | None = None) -> Path:
+    """One self-contained report.html of runs and, optionally, a curation (`genfoundry.report`)."""
+    from genfoundry.report import build_report as build
+
+    return build(run_dirs, out, curation)
+
+
+def record_fid(run_dir: Path, cfg: Config, result: dict) -> None:
+    """An 'eval' event in metrics.jsonl and an eval/fid scalar in TensorBoard, at the weights' step."""
+    from genfoundry import metrics
+
+    values = {k: result[k] for k in ("fid", "kid_mean", "num_generated", "weights")}
+    if (run_dir / "metrics.jsonl").exists():
+        metrics.JsonlSink(run_dir / "metrics.jsonl").event("eval", result["step"], values)
+    if cfg.train.tensorboard:
+        try:
+            sink = metrics.TensorBoardSink(run_dir)
+        except ImportError:
+            return
+        sink.write(result["step"], {f"eval/{k}": v for k, v in values.items()})
+        sink.close()
 
 
 def demo(overrides: dict | None = None, print_fn=print) -> dict:
@@ -254,6 +279,8 @@ def demo(overrides: dict | None = None, print_fn=print) -> dict:
                "fid": result["fid"], "kid_mean": result["kid_mean"], "num_generated": result["num_generated"],
                "reference": result["reference"], "run": str(run_dir_of(cfg))}
     write_atomic(run_dir_of(cfg) / "demo.json", json.dumps(summary, indent=2).encode())
+    report = build_report(run_dir_of(cfg))  # again, now with the FID
     print_fn(f"demo finished in {summary['wall_s']:.0f} s: FID {summary['fid']:.2f} on {summary['num_generated']} "
              f"samples vs {summary['reference']}; grids in {run_dir_of(cfg) / 'samples'}")
+    print_fn(f"report: {report} (open it in a browser; it works offline)")
     return summary

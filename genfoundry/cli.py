@@ -166,6 +166,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="EMA or raw weights; auto chooses as sample does (default: auto)")
     _snapshot_arg(p)
     p.add_argument("--device", default="auto", help="device, e.g. cpu or cuda:0 (default: auto)")
+    p = sub.add_parser("report", help="one self-contained report.html of runs (and a curation): every metric, "
+                                      "the timeline and goodput, sample grids, FID, config",
+                       description="Writes one page that opens offline (data and charts embedded): every metric "
+                                   "of metrics.jsonl against step or wall time, with zoom and smoothing; the "
+                                   "timeline of checkpoints, restarts and rollbacks with goodput; sample grids over "
+                                   "training on a slider; FID over steps; the resolved config. Several runs share "
+                                   "the charts. --curation adds a curation's funnel, counts per reason, score "
+                                   "histograms with their thresholds and thumbnails of dropped inputs. Training "
+                                   "rebuilds RUN/report.html every train.report_every steps.")
+    p.add_argument("run_dir", nargs="*", help="run directories (e.g. runs/demo runs/other)")
+    p.add_argument("--curation", metavar="DIR", help="a `genfoundry curate` output directory")
+    p.add_argument("--out", metavar="FILE", help="where to write the page (default: RUN_DIR/report.html for one "
+                                                 "run, else ./report.html)")
+
     p = sub.add_parser("chaos", help="kill ranks of a small multi-process run with kill -9 and check that the "
                                      "restarted run ends bit-exact",
                        description="Runs N trials of a small run of RECIPE on R ranks (CPU, gloo) under torchrun. "
@@ -239,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_parser("curate", add_help=False,
                      help="curation: stage-1 images/s per core, stages 2-3 images/s on the accelerator, and the "
                           "quality stage on MNIST with injected corruptions (its own options: --help)")
+    bench.add_parser("report", add_help=False,
+                     help="time to build report.html and to draw it in headless Chromium for 1k-100k logged steps, "
+                          "and its size, against TensorBoard loading the same run (its own options: --help)")
     bench.add_parser("checkpoint", add_help=False,
                      help="training stall and time until durable per checkpoint: torch.save, DCP async_save and "
                           "genfoundry's tiers (`genfoundry bench checkpoint --help` for its options)")
@@ -327,6 +344,11 @@ def main(argv: list[str] | None = None) -> int:
 
             bench_curate(rest)  # its own options, parsed there
             return 0
+        if args.command == "bench" and args.bench == "report":
+            from genfoundry.bench.report import main as bench_report
+
+            bench_report(rest)  # its own options, parsed there
+            return 0
         if args.command == "bench" and args.bench == "checkpoint":
             from genfoundry.bench.checkpoint import main as bench_checkpoint
 
@@ -358,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
             precisions = args.precision or ["bf16"]
             run(args.preset or ["DiT-B/2"], args.batch_size, precisions[0], args.compile, args.steps, args.out,
                 args.device, not args.no_baseline, precisions, args.profile)
+        elif args.command == "report":
+            print(f"report: {api.build_report(args.run_dir, args.out, args.curation)}")
         elif args.command == "eval":
             api.evaluate(args.run_dir, args.num_samples, args.reference, args.split, args.device,
                          resize=args.resize, max_reference_images=args.max_reference_images, weights=args.weights,

@@ -101,6 +101,8 @@ class TrainConfig:
     val_every: int = 200            # steps between fixed-noise validation losses
     val_batch_size: int = 256       # held-out images in the fixed validation batch
     sample_every: int = 500         # steps between sample grids (0 disables)
+    report_every: int = 500         # steps between rebuilds of RUN/report.html, to watch a live run (0: at the end only)
+    tensorboard: bool = True        # TensorBoard event files in the run directory (needs the tensorboard package)
 
     def __post_init__(self):
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
@@ -116,7 +118,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be at least 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "weight_decay", "grad_clip", "ema_halflife_kimg", "ema_rampup",
-                     "sample_every"):
+                     "sample_every", "report_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be 0 or more, got {getattr(self, name)}")
         for name in ("beta1", "beta2"):

@@ -1,4 +1,5 @@
-"""Metrics through one call: `report(name, value)` from anywhere, flushed per interval to sinks."""
+"""Metrics through one call: `report(name, value)` from anywhere, collected per interval, written to sinks
+(metrics.jsonl, TensorBoard event files, the console line)."""
 
 from __future__ import annotations
 
@@ -12,19 +13,28 @@ import zlib
 import torch
 
 from genfoundry import accel
+from genfoundry.errors import GenfoundryError
 
 FORMAT_VERSION = 1
+
+
+class MetricsError(GenfoundryError):
+    """A metrics.jsonl that cannot be read, or holds a line that is not a metrics row."""
+
 
 # name -> running sum (a device tensor where the values were tensors, so nothing waits for the device)
 _sums: dict[str, torch.Tensor | float] = {}
 _counts: dict[str, int] = defaultdict(int)
+_spread: set[str] = set()  # names whose per-rank means are also reduced to a minimum and a maximum
 
 
-def report(name: str, value) -> None:
+def report(name: str, value, spread: bool = False) -> None:
     """Adds a value to the running mean of `name` for the current interval.
 
     A tensor stays on its device and is added there: reporting never waits for the accelerator. The
-    values are read once per interval, in `collect`.
+    values are read once per interval, in `collect`. With `spread`, the interval also gets
+    `name.min` and `name.max` (in a process group): the lowest and highest of the ranks' own means,
+    which is how a straggler shows (one rank waiting on data far longer than the others).
     """
     if isinstance(value, torch.Tensor):
         value = value.detach().float().mean()
@@ -32,6 +42,8 @@ def report(name: str, value) -> None:
         value = float(value)
     _sums[name] = _sums[name] + value if name in _sums else value
     _counts[name] += 1
+    if spread:
+        _spread.add(name)
 
 
 def collect() -> dict[str, float]:
@@ -42,11 +54,14 @@ def collect() -> dict[str, float]:
     gathered first). Every rank must call it at the same point.
     """
     names = sorted(_sums)
-    sums, counts = dict(_sums), dict(_counts)
+    sums, counts, spread = dict(_sums), dict(_counts), set(_spread)
     _sums.clear()
     _counts.clear()
+    _spread.clear()
     if accel.distributed():
-        names = _agreed_names(names)
+        names = _agreed_names(names + [f"{n}\0spread" for n in sorted(spread)])
+        spread = {n[:-7] for n in names if n.endswith("\0spread")}
+        names = [n for n in names if not n.endswith("\0spread")]
         device = accel.comm_device()
     else:
         device = next((v.device for v in sums.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
@@ -57,9 +72,20 @@ def collect() -> dict[str, float]:
                                torch.tensor(float(sums.get(n, 0.0)), dtype=dtype, device=device)
                                for n in names])
     count_vector = torch.tensor([float(counts.get(n, 0)) for n in names], dtype=dtype, device=device)
-    totals = accel.all_reduce(torch.cat([sums_vector, count_vector])).tolist()  # the one host sync
+    totals = torch.cat([sums_vector, count_vector])
+    spread = [n for n in names if n in spread] if accel.distributed() else []  # alone, min = max = mean
+    if spread:  # this rank's means; the maximum of (mean, -mean) over ranks gives both extremes
+        at = [names.index(n) for n in spread]
+        mine = sums_vector[at] / count_vector[at]  # NaN where this rank reported nothing: max skips it
+        extremes = torch.cat([mine, -mine])
+        extremes = torch.where(torch.isnan(extremes), torch.full_like(extremes, -math.inf), extremes)
+        extremes = accel.all_reduce(extremes, "max").tolist()
+    totals = accel.all_reduce(totals).tolist()  # with `extremes`, the interval's only host syncs
     k = len(names)
-    return {n: totals[i] / totals[k + i] if totals[k + i] else math.nan for i, n in enumerate(names)}
+    out = {n: totals[i] / totals[k + i] if totals[k + i] else math.nan for i, n in enumerate(names)}
+    for j, n in enumerate(spread):
+        out[f"{n}.min"], out[f"{n}.max"] = -extremes[len(spread) + j], extremes[j]
+    return out
 
 
 def _agreed_names(names: list[str]) -> list[str]:
@@ -79,12 +105,14 @@ class JsonlSink:
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
-    def write(self, step: int, values: dict) -> None:
-        self._append({"format_version": FORMAT_VERSION, "step": step, "time": time.time(), **values})
+    def write(self, step: int, values: dict, wall_time: float | None = None) -> None:
+        self._append({"format_version": FORMAT_VERSION, "step": step, "time": wall_time or time.time(), **values})
 
-    def event(self, name: str, step: int, values: dict) -> None:
-        """A row that marks something the run did rather than measured, e.g. {"event": "resume", ...}."""
-        self._append({"format_version": FORMAT_VERSION, "event": name, "step": step, "time": time.time(), **values})
+    def event(self, name: str, step: int, values: dict, wall_time: float | None = None) -> None:
+        """A row that marks something the run did rather than measured: {"event": "resume" | "rollback" |
+        "checkpoint" | "eval", ...}."""
+        self._append({"format_version": FORMAT_VERSION, "event": name, "step": step,
+                      "time": wall_time or time.time(), **values})
 
     def _append(self, row: dict) -> None:
         row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
@@ -92,16 +120,67 @@ class JsonlSink:
             f.write(json.dumps(row) + "\n")
 
 
+class TensorBoardSink:
+    """TensorBoard event files in the run directory, beside metrics.jsonl, so that `tensorboard --logdir
+    runs/` shows every run: the scalars of each interval, events as scalars, sample grids as images,
+    the resolved config as text. The `tensorboard` package is imported here only, when a run asks."""
+
+    def __init__(self, log_dir: str | Path):
+        from torch.utils.tensorboard import SummaryWriter  # ImportError without the tensorboard package
+
+        self.writer = SummaryWriter(str(log_dir), flush_secs=30)
+
+    def write(self, step: int, values: dict, wall_time: float | None = None) -> None:
+        for name, value in values.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                self.writer.add_scalar(name, value, step, walltime=wall_time)
+        self.writer.flush()  # once per interval, so a live run shows its newest step
+
+    def event(self, name: str, step: int, values: dict, wall_time: float | None = None) -> None:
+        self.write(step, {f"{name}/{k}": v for k, v in values.items()} or {f"{name}/at": 1.0}, wall_time)
+
+    def image(self, tag: str, step: int, image_hwc) -> None:
+        """A uint8 HWC image (a sample grid)."""
+        self.writer.add_image(tag, image_hwc, step, dataformats="HWC")
+        self.writer.flush()
+
+    def text(self, tag: str, text: str) -> None:
+        self.writer.add_text(tag, text)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 def read_jsonl(path: str | Path, all_rows: bool = False) -> list[dict]:
     """The metric rows of the run as it went on, in step order; `all_rows` gives every row as written.
 
     A resumed run starts again from its checkpoint, so the file repeats the steps after it. A resume
     row at step k drops the rows after k written before it (the abandoned attempt, whatever steps it
-    logged), and of rows for the same step the newest is kept. Event rows are left out."""
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    if all_rows:
-        return rows
+    logged), and of rows for the same step the newest is kept. Event rows are left out.
+
+    A last line cut short (a crash mid-write, or a live run read while it appends) is left out; a bad
+    line elsewhere is a MetricsError naming it."""
+    try:
+        with open(path, "rb") as f:
+            lines = [line for line in f.read().decode("utf-8", "replace").split("\n") if line.strip()]
+    except OSError as e:
+        raise MetricsError(f"cannot read {path}: {e.strerror or e}") from None
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError("not a metrics row (an object with an integer 'step')")
+        except ValueError as e:
+            if number == len(lines):
+                break
+            raise MetricsError(f"{path}, line {number}: {e}") from None
+        rows.append(row)
+    return rows if all_rows else kept_rows(rows)
+
+
+def kept_rows(rows: list[dict]) -> list[dict]:
+    """Of every row as written, the metric rows that stand (see `read_jsonl`), the same objects."""
     by_step: dict[int, dict] = {}
     for row in rows:
         if row.get("event") == "resume":

@@ -46,6 +46,8 @@ def test_report_keeps_tensors_on_their_device_until_collect():
     assert isinstance(metrics._sums["loss"], torch.Tensor)  # no .item(): nothing waited for the device
     assert metrics.collect() == {"loss": 2.0, "scale": 4.0}
     assert metrics.collect() == {}
+    metrics.report("wait", 0.5, spread=True)
+    assert metrics.collect() == {"wait": 0.5}  # alone, no .min/.max: they would equal the mean
 
 
 def _ranks_report_different_names(rank, world_size, out):
@@ -58,9 +60,15 @@ def _ranks_report_different_names(rank, world_size, out):
     first = metrics.collect()
     metrics.report("loss", torch.tensor(float(10 * rank)))
     second = metrics.collect()
+    for v in (1.0, 3.0) if rank == 0 else (10.0,):  # rank means 2 and 10, over 3 values
+        metrics.report("wait", v, spread=True)
+    if rank == 1:
+        metrics.report("late", torch.tensor(7.0), spread=True)  # one rank only: its value is both extremes
+    spread = metrics.collect()
     agreed = accel.broadcast_int(41 + rank, src=1)
     smallest = accel.all_reduce(torch.tensor([rank + 3]), "min").item()
-    torch.save({"first": first, "second": second, "agreed": agreed, "smallest": smallest}, f"{out}/{rank}.pt")
+    torch.save({"first": first, "second": second, "spread": spread, "agreed": agreed, "smallest": smallest},
+               f"{out}/{rank}.pt")
 
 
 def test_collect_over_ranks_agrees_on_names_and_averages_every_value(tmp_path):
@@ -69,4 +77,6 @@ def test_collect_over_ranks_agrees_on_names_and_averages_every_value(tmp_path):
         got = torch.load(tmp_path / f"{rank}.pt")
         assert got["first"] == {"loss": 1.5, "only_rank1": 5.0}  # a name one rank lacks does not hang the rest
         assert got["second"] == {"loss": 5.0}
+        assert got["spread"] == {"wait": 14 / 3, "wait.min": 2.0, "wait.max": 10.0,
+                                 "late": 7.0, "late.min": 7.0, "late.max": 7.0}
         assert got["agreed"] == 42 and got["smallest"] == 3

@@ -64,6 +64,7 @@ def _nccl_rank(rank, world_size, root, out):
     result = {"comm_device": str(accel.comm_device())}
     metrics.report("x", torch.tensor(2.0, device=accel.get_device()))
     metrics.report("y", 3.0)
+    metrics.report("z", torch.tensor(4.0, device=accel.get_device()), spread=True)
     result["collect"] = metrics.collect()
     result["broadcast"] = accel.broadcast_int(7)
     source = _image_folder(root)
@@ -91,7 +92,7 @@ def test_the_trainer_runs_and_resumes_in_a_one_rank_nccl_group(tmp_path):
     run_ranks(_nccl_rank, 1, tmp_path, str(tmp_path), timeout=540, backend="nccl")
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["comm_device"] == "cuda:0"
-    assert result["collect"] == {"x": 2.0, "y": 3.0} and result["broadcast"] == 7
+    assert result["collect"] == {"x": 2.0, "y": 3.0, "z": 4.0, "z.min": 4.0, "z.max": 4.0} and result["broadcast"] == 7
     for name in SCENARIOS:
         got = result[name]
         last = got["rows"][-1]

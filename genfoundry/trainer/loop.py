@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-import resource
+import threading
 import time
 from pathlib import Path
 
@@ -147,17 +147,19 @@ class Trainer(TrainerState):
             except BaseException:
                 self.checkpoints.close(wait=False)  # a peer may be gone: do not wait on its gathers
                 raise
+            finally:
+                if getattr(self, "tensorboard", None):
+                    self.tensorboard.close()
 
     def _train(self) -> dict:
         tc, ck = self.cfg.train, self.cfg.checkpoint
         self.prepare_run_dir()
         self.describe()
-        self.jsonl = metrics.JsonlSink(self.run_dir / "metrics.jsonl") if self.rank == 0 else None
-        self.console = metrics.ConsoleSink(tc.steps, self.print)
+        self.open_sinks()
         start_step = self.step
         if self.jsonl and (start_step or self.jsonl.path.exists()):  # from a checkpoint, or again from 0
-            self.jsonl.event("resume", start_step, {"images_seen": self.images_seen, "world_size": self.world,
-                                                    "precision": self.precision})  # later rows supersede
+            self.log_event("resume", start_step, {"images_seen": self.images_seen, "world_size": self.world,
+                                                  "precision": self.precision})  # later rows supersede
         self._tick = (time.perf_counter(), self.step)
         last = {}
         while True:
@@ -171,23 +173,96 @@ class Trainer(TrainerState):
             # Not while steps are non-finite: a rollback must find weights from before the streak.
             periodic = ck.full_every and self.step % ck.full_every == 0 and not self.nonfinite_streak
             if self.step > start_step and (stop or (ck.full_every and done) or periodic):
-                self.save_checkpoint("full")
+                metrics.report("checkpoint/stall_s", self.save_checkpoint("full"))
             if ck.snapshot_every and self.step > start_step and self.step % ck.snapshot_every == 0:
-                self.save_checkpoint("snapshot")
+                metrics.report("checkpoint/stall_s", self.save_checkpoint("snapshot"))
+            if fresh and tc.report_every and self.step % tc.report_every == 0 and self.step > start_step:
+                self.refresh_report()
             if stop:
                 return self.finish_preempted(saved=self.step > start_step)
             if done:
                 break
+            self._step_start = time.perf_counter()
             self.train_step()
         self.save_final(last)
         self.finish_checkpoints()
+        self.refresh_report(final=True)
         return last
+
+    def open_sinks(self) -> None:
+        """metrics.jsonl and TensorBoard event files (rank 0), the console line, and the run's totals of
+        restarts and rollbacks so far (from the records of earlier attempts)."""
+        tc = self.cfg.train
+        self.console = metrics.ConsoleSink(tc.steps, self.print)
+        self.jsonl = self.tensorboard = self._report_thread = None
+        self._logged_checkpoints: set[int] = set()
+        self.restarts = self.rollbacks = 0
+        if self.rank != 0:
+            return
+        self.jsonl = metrics.JsonlSink(self.run_dir / "metrics.jsonl")
+        if self.jsonl.path.exists():
+            events = [row.get("event") for row in metrics.read_jsonl(self.jsonl.path, all_rows=True)]
+            self.restarts, self.rollbacks = events.count("resume"), events.count("rollback")
+        if tc.tensorboard:
+            try:
+                self.tensorboard = metrics.TensorBoardSink(self.run_dir)
+            except ImportError:
+                self.print("note: the tensorboard package is not installed, so this run writes no TensorBoard "
+                           "event files (pip install tensorboard; train.tensorboard=false silences this)")
+            else:
+                config_text = (self.run_dir / "config.toml").read_text()
+                self.tensorboard.text("config", "\n".join("    " + line for line in config_text.splitlines()))
+
+    def log_event(self, name: str, step: int, values: dict) -> None:
+        """Something the run did (resume, rollback, checkpoint), in metrics.jsonl and TensorBoard."""
+        if name == "resume":
+            self.restarts += 1
+        elif name == "rollback":
+            self.rollbacks += 1
+        if self.jsonl:
+            self.jsonl.event(name, step, values)
+        if self.tensorboard:
+            self.tensorboard.event(name, step, {k: v for k, v in values.items() if isinstance(v, (int, float))})
+
+    def log_checkpoints(self, finished: bool = False) -> None:
+        """A checkpoint event once a save is durable (its stall and time to durable), or, when `finished`,
+        for every save that never became durable (its failure was warned about)."""
+        for i, record in enumerate(self.checkpoints.records):
+            if i not in self._logged_checkpoints and (record["durable_s"] is not None or finished):
+                self._logged_checkpoints.add(i)
+                self.log_event("checkpoint", record["step"], {**record, "failed": record["durable_s"] is None})
+
+    def refresh_report(self, final: bool = False) -> None:
+        """Rebuilds RUN/report.html on rank 0: during training in a background thread (skipped while the
+        previous rebuild still runs), at the end in this thread. A page that cannot be written is
+        warned about; training goes on."""
+        if self.rank != 0:
+            return
+        from genfoundry.report import build_report
+
+        def build() -> None:
+            try:
+                build_report([self.run_dir])
+            except (GenfoundryError, OSError) as e:
+                self.print(f"warning: the report of {self.run_dir} was not rebuilt: {e}")
+
+        if self._report_thread is not None and self._report_thread.is_alive():
+            if not final:
+                return
+            self._report_thread.join()
+        if final:
+            build()
+            self.print(f"report: {self.run_dir / 'report.html'} (genfoundry report {self.run_dir} rebuilds it)")
+        else:
+            self._report_thread = threading.Thread(target=build, name="genfoundry-report", daemon=True)
+            self._report_thread.start()
 
     def finish_checkpoints(self) -> None:
         """Waits until every checkpoint is durable (and uploaded), says what failed, and lets the
         manager's threads and host buffers go."""
         failures = self.checkpoints.wait()
         self.checkpoints.close()
+        self.log_checkpoints(finished=True)
         if failures:
             self.print(f"{len(failures)} checkpoint write(s) or upload(s) failed during the run (see the warnings)")
 
@@ -220,8 +295,11 @@ class Trainer(TrainerState):
         self.optimizer.zero_grad(set_to_none=True)
         scale = self.scaler.scale if self.scaler else 1.0
         self.hook.begin_step(scale, may_skip=True)  # any step may be skipped: overflow, NaN or inf
+        waited = 0.0
         for micro in range(self.accumulation):
+            before = time.perf_counter()
             x, y = self.loader.next_batch()
+            waited += time.perf_counter() - before
             y = torch.where(y < 0, self.data.num_classes, y)  # unlabelled (-1): the null class
             t, eps, drop = self.objective.draw_keyed(x, self.noise_keys(micro))
             with parallel.gradient_sync(self.model, micro == self.accumulation - 1):
@@ -256,6 +334,8 @@ class Trainer(TrainerState):
                 self.fall_back_to_fp32()
         metrics.report("nonfinite_steps", 0.0 if finite or self.scaler else 1.0)
         self.nonfinite_streak = 0 if finite else self.nonfinite_streak + 1
+        # Host time waiting for batches over the step's time; per rank, so a slow loader shows in .max.
+        metrics.report("data/wait_fraction", waited / max(time.perf_counter() - self._step_start, 1e-9), spread=True)
         self.step += 1
         self.images_seen += tc.global_batch_size
 
@@ -280,9 +360,7 @@ class Trainer(TrainerState):
             self.print("no full checkpoint to roll back to yet: the weights stay, the run goes on")
             return
         self.print(f"rolled the weights, optimizer and EMA back to step {back}; the run goes on with the next data")
-        metrics.report("rollbacks", 1.0)
-        if self.jsonl:
-            self.jsonl.event("rollback", self.step, {"to_step": back})
+        self.log_event("rollback", self.step, {"to_step": back})
 
     def fall_back_to_fp32(self) -> None:
         """After too many overflowing fp16 steps in a row, train on in fp32 (recorded in checkpoints)."""
@@ -331,6 +409,9 @@ class Trainer(TrainerState):
     def report(self, validate: bool) -> dict:
         now = time.perf_counter()
         accel.synchronize(self.device)
+        allocated, peak = accel.memory_gb(self.device)
+        metrics.report("memory_allocated_gb", allocated, spread=True)  # per rank: FSDP2 shards differ
+        metrics.report("peak_memory_gb", peak, spread=True)
         values = metrics.collect()
         if values.get("comm/bytes_per_step") and values.get("comm/dense_bytes_per_step") is not None:
             values["comm/compression_ratio"] = values["comm/dense_bytes_per_step"] / values["comm/bytes_per_step"]
@@ -344,13 +425,14 @@ class Trainer(TrainerState):
                 values["mfu"] = ips * self.flops_per_image / self.peak_flops
         values["lr"] = self.learning_rate(self.step)
         values["images_seen"] = self.images_seen
-        peak = accel.max_memory_allocated(self.device)
-        values["peak_memory_gb"] = (peak if peak is not None else
-                                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
+        values["restarts"], values["rollbacks"] = self.restarts, self.rollbacks
         if validate:
             values.update(self.validate())
+        self.log_checkpoints()
         if self.jsonl:
             self.jsonl.write(self.step, values)
+        if self.tensorboard:
+            self.tensorboard.write(self.step, values)
         self.console.write(self.step, values)
         self._tick = (time.perf_counter(), self.step)  # validation time is not training time
         return values
@@ -363,9 +445,12 @@ class Trainer(TrainerState):
         sc, k = self.cfg.sample, self.data.num_classes
         labels = torch.arange(k).repeat_interleave(sc.per_class)
         images = generate(self.ema, labels, range(len(labels)), sc.seed, sc.steps, sc.sampler, sc.cfg_scale,
-                          sc.batch_size, self.device, sc.precision)
+                          sc.batch_size, self.device, sc.precision, progress=False)
         path = self.run_dir / "samples" / name
-        save_png(grid(images, rows=k), path)
+        image = grid(images, rows=k)
+        save_png(image, path)
+        if self.tensorboard:
+            self.tensorboard.image("samples", self.step, image.numpy())
         return path
 
     def save_final(self, last: dict) -> None:

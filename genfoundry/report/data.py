@@ -1,0 +1,317 @@
+"""What a report shows, read from the files a run and a curation leave: metrics.jsonl, config.toml,
+samples/, eval/, checkpoint events; summary.json, manifest.parquet and examples/ of a curation.
+
+Every metric travels whole: each column as float32, its bytes split into four planes (the high bytes
+of neighbouring values are alike, so they compress), deflated and base64-encoded. The page inflates
+them with the browser's own DecompressionStream.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import re
+import tomllib
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from genfoundry import metrics
+from genfoundry.errors import GenfoundryError
+
+SAMPLE_BYTES = 8 * 2**20  # the sample grids a page embeds, at most; evenly spaced ones past that
+HISTOGRAM_BINS = 60
+
+
+class ReportError(GenfoundryError):
+    """A directory that is not a run (or a curation), or files in it that cannot be read."""
+
+
+def pack_columns(columns: list[np.ndarray]) -> str:
+    """Equal-length float columns -> one base64 string of deflated, byte-plane-split float32."""
+    if not columns:
+        return ""
+    table = np.ascontiguousarray(np.stack([np.asarray(c, dtype="<f4") for c in columns]))
+    planes = table.view(np.uint8).reshape(len(columns), -1, 4).transpose(0, 2, 1)
+    return base64.b64encode(zlib.compress(np.ascontiguousarray(planes).tobytes(), 6)).decode()
+
+
+def unpack_columns(blob: str, count: int) -> np.ndarray:
+    """The inverse of `pack_columns` (the page does the same in JavaScript; tests use this one)."""
+    planes = np.frombuffer(zlib.decompress(base64.b64decode(blob)), dtype=np.uint8).reshape(count, 4, -1)
+    return np.ascontiguousarray(planes.transpose(0, 2, 1)).view("<f4").reshape(count, -1)
+
+
+def _number(value) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+
+
+# ---- charts: which metrics share one ------------------------------------------------------------
+
+SECTIONS = ("Loss", "Optimization", "Throughput", "Memory", "Communication", "Checkpoints and faults", "Data",
+            "Other")
+# Metrics drawn together on one chart (the first names it); a name's .min/.max go with it.
+GROUPS = {"loss": ("loss", "val_loss", "val_loss_ema")}
+SMOOTHED = {"loss", "grad_norm", "images_per_s", "mfu", "data/wait_fraction", "comm/bytes_per_step",
+            "comm/dense_bytes_per_step", "comm/compression_ratio", "checkpoint/stall_s"}
+TITLES = {"loss": "loss (training, validation, validation of the EMA)", "lr": "learning rate",
+          "grad_norm": "gradient norm", "images_per_s": "images/s", "mfu": "MFU",
+          "data/wait_fraction": "data wait (fraction of step time; per-rank min/max dashed)",
+          "memory_allocated_gb": "accelerator memory allocated (GiB; per-rank min/max dashed)",
+          "peak_memory_gb": "peak accelerator memory (GiB; per-rank min/max dashed)",
+          "checkpoint/stall_s": "checkpoint stall (s training paused)", "eta_s": "time left (s)"}
+
+
+def section_of(name: str) -> str:
+    if name in ("loss", "val_loss", "val_loss_ema"):
+        return "Loss"
+    if name in ("lr", "grad_norm", "loss_scale", "skipped_steps", "nonfinite_steps", "precision_fallback"):
+        return "Optimization"
+    if name in ("images_per_s", "mfu", "eta_s", "images_seen", "data/wait_fraction"):
+        return "Throughput"
+    if "memory" in name:
+        return "Memory"
+    if name.startswith("comm/"):
+        return "Communication"
+    if name.startswith("checkpoint/") or name in ("restarts", "rollbacks"):
+        return "Checkpoints and faults"
+    if name.startswith("data/"):
+        return "Data"
+    return "Other"
+
+
+def chart_specs(names: set[str]) -> list[dict]:
+    """One chart per metric (with its .min/.max, and the members of its group), in section order."""
+    grouped = {m: lead for lead, members in GROUPS.items() for m in members}
+    leads: dict[str, list[str]] = {}
+    for name in sorted(names):
+        base = name[:-4] if name.endswith((".min", ".max")) and name[:-4] in names else name
+        lead = grouped.get(base, base)
+        leads.setdefault(lead, [])
+        if name not in leads[lead]:
+            leads[lead].append(name)
+    specs = []
+    for lead, members in leads.items():
+        order = list(GROUPS.get(lead, (lead,)))
+        members.sort(key=lambda m: (order.index(m[:-4] if m.endswith((".min", ".max")) else m)
+                                    if (m[:-4] if m.endswith((".min", ".max")) else m) in order else len(order), m))
+        specs.append({"id": "chart-" + re.sub(r"[^a-z0-9]+", "-", lead.lower()).strip("-"),
+                      "title": TITLES.get(lead, lead), "section": section_of(lead), "smooth": lead in SMOOTHED,
+                      "series": [{"metric": m, "role": "band" if m.endswith((".min", ".max")) else "main"}
+                                 for m in members]})
+    specs.sort(key=lambda s: (SECTIONS.index(s["section"]), s["title"]))
+    return specs
+
+
+# ---- one run -------------------------------------------------------------------------------------
+
+def read_run(run_dir: str | Path, name: str | None = None) -> dict:
+    run_dir = Path(run_dir)
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        why = "does not exist" if not run_dir.exists() else "has no metrics.jsonl (is it a run directory?)"
+        raise ReportError(f"'{run_dir}' {why}")
+    try:
+        every = metrics.read_jsonl(path, all_rows=True)
+    except metrics.MetricsError as e:
+        raise ReportError(str(e)) from None
+    kept = metrics.kept_rows(every)
+    config_text = _read_text(run_dir / "config.toml")
+    try:
+        config = tomllib.loads(config_text) if config_text else {}
+    except tomllib.TOMLDecodeError as e:
+        raise ReportError(f"{run_dir / 'config.toml'} is not TOML: {e}") from None
+    batch = config.get("train", {}).get("global_batch_size", 0)
+    start = min((r["time"] for r in every if isinstance(r.get("time"), (int, float))), default=0.0)
+    names = sorted({k for r in kept for k, v in r.items() if k not in ("format_version", "step", "time", "event")
+                    and isinstance(v, (int, float)) and not isinstance(v, bool)})
+    columns = [np.array([r["step"] for r in kept], dtype=np.float64),
+               np.array([r.get("time", start) - start for r in kept], dtype=np.float64)]
+    columns += [np.array([_number(r.get(n)) for r in kept]) for n in names]
+    constant = {}  # metrics that never changed: a table row each instead of a flat chart
+    for n, column in zip(names, columns[2:]):
+        finite = column[np.isfinite(column)]
+        if len(finite) and (finite == finite[0]).all():
+            constant[n] = float(finite[0])
+    attempts = [r for r in every if "event" not in r]
+    events = [{k: v for k, v in r.items() if k != "format_version"} | {"time": r.get("time", start) - start}
+              for r in every if "event" in r]
+    return {
+        "name": name or run_dir.name, "path": str(run_dir), "config": config_text,
+        "columns": ["step", "time", *names], "rows": len(kept), "table": pack_columns(columns),
+        # every row as written, abandoned attempts too: the timeline shows where a run went back
+        "attempts": pack_columns([np.array([r.get("time", start) - start for r in attempts]),
+                                  np.array([r["step"] for r in attempts], dtype=np.float64)]),
+        "attempt_rows": len(attempts), "events": events, "constant": constant,
+        "goodput": goodput(every, kept, batch), "fid": read_fid(run_dir), "samples": read_samples(run_dir),
+        "last": {n: kept[-1][n] for n in ("step", "loss", "val_loss", "val_loss_ema", "images_per_s", "mfu")
+                 if kept and isinstance(kept[-1].get(n), (int, float))},
+        "best_val_loss": min((r["val_loss"] for r in kept if isinstance(r.get("val_loss"), (int, float))), default=None),
+    }
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return ""
+    except (OSError, UnicodeDecodeError) as e:
+        raise ReportError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+
+
+def goodput(every: list[dict], kept: list[dict], batch: int) -> dict:
+    """Where the wall time went: training steps the final weights keep, steps done again after a restart
+    or a rollback, time down between attempts, and the rest (start-up, validation, samples, saves).
+
+    A row's training time is its steps times the global batch over its images/s (measured without
+    validation). goodput = kept training time / wall time."""
+    times = [r["time"] for r in every if isinstance(r.get("time"), (int, float))]
+    wall = max(times) - min(times) if times else 0.0
+    lost_steps = set()
+    for r in every:
+        if r.get("event") == "rollback" and isinstance(r.get("to_step"), int):
+            lost_steps.update(range(r["to_step"] + 1, r["step"] + 1))
+    kept_ids = {id(r) for r in kept}
+
+    # A row's interval starts at the previous row of the same attempt (rows between resumes).
+    attempt, previous_step = [], None
+    for r in every:
+        if r.get("event") == "resume":
+            previous_step = r["step"]
+        elif "event" not in r:
+            attempt.append((r, previous_step))
+            previous_step = r["step"]
+    useful = wasted = 0.0
+    for r, prev in attempt:
+        ips = r.get("images_per_s")
+        if prev is None or not isinstance(ips, (int, float)) or ips <= 0 or not batch or r["step"] <= prev:
+            continue
+        s = (r["step"] - prev) * batch / ips
+        lost = sum(1 for k in range(prev + 1, r["step"] + 1) if k in lost_steps) / (r["step"] - prev)
+        if id(r) in kept_ids:
+            useful += s * (1 - lost)
+            wasted += s * lost
+        else:
+            wasted += s
+    down, last_time = 0.0, None
+    for r in every:
+        if r.get("event") == "resume" and last_time is not None:
+            down += max(r["time"] - last_time, 0.0)
+        if isinstance(r.get("time"), (int, float)):
+            last_time = r["time"]
+    return {"wall_s": wall, "training_s": useful, "redone_s": wasted, "down_s": down,
+            "other_s": max(wall - useful - wasted - down, 0.0), "goodput": useful / wall if wall > 0 else None}
+
+
+def read_fid(run_dir: Path) -> list[dict]:
+    """Every FID the run was scored with (eval/fid-*.json), by step."""
+    out = []
+    for path in sorted((run_dir / "eval").glob("fid-*.json")):
+        try:
+            result = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise ReportError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+        if isinstance(result.get("fid"), (int, float)) and isinstance(result.get("step"), int):
+            out.append({k: result.get(k) for k in ("step", "fid", "kid_mean", "num_generated", "weights",
+                                                    "reference")} | {"file": path.name})
+    return sorted(out, key=lambda r: (r["step"], r["file"]))
+
+
+def read_samples(run_dir: Path) -> dict:
+    """The sample grids written during training (and the final one), as data URLs, oldest first."""
+    folder = run_dir / "samples"
+    grids = []
+    for path in folder.glob("*.png") if folder.is_dir() else ():
+        match = re.fullmatch(r"grid-(\d+)\.png", path.name)
+        if match or path.name == "final.png":
+            grids.append((int(match.group(1)) if match else math.inf, path))
+    grids.sort()
+    sizes = [p.stat().st_size for _, p in grids]
+    chosen = list(range(len(grids)))
+    if sum(sizes) > SAMPLE_BYTES:  # evenly spaced, always the last
+        per = sum(sizes) / len(sizes)
+        keep = max(int(SAMPLE_BYTES // per), 2)
+        chosen = sorted({round(i * (len(grids) - 1) / (keep - 1)) for i in range(keep)})
+    shown = []
+    for i in chosen:
+        step, path = grids[i]
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise ReportError(f"cannot read {path}: {e.strerror or e}") from None
+        shown.append({"step": None if step == math.inf else step, "name": path.name,
+                      "src": "data:image/png;base64," + base64.b64encode(data).decode()})
+    return {"grids": shown, "total": len(grids)}
+
+
+# ---- a curation ----------------------------------------------------------------------------------
+
+def read_curation(folder: str | Path) -> dict:
+    from genfoundry.curation import manifest as mf
+
+    folder = Path(folder)
+    summary_text = _read_text(folder / mf.SUMMARY)
+    if not summary_text:
+        raise ReportError(f"'{folder}' is not a curation output ({mf.SUMMARY} is missing)")
+    try:
+        summary = json.loads(summary_text)
+    except ValueError as e:
+        raise ReportError(f"{folder / mf.SUMMARY} is not JSON: {e}") from None
+    return {"path": str(folder), "summary": summary, "funnel_svg": _read_text(folder / mf.FUNNEL),
+            "histograms": _histograms(folder / mf.MANIFEST, summary.get("thresholds", {})),
+            "examples": _examples(folder)}
+
+
+def _histograms(path: Path, thresholds: dict) -> list[dict]:
+    """Per score column: counts of kept and dropped inputs in equal bins, and the threshold."""
+    if not path.is_file():
+        return []
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a file that is not Parquet
+        raise ReportError(f"cannot read {path}: {e}") from None
+    decisions = np.array(table.column("decision").to_pylist())
+    out = []
+    for column in [c for c in table.column_names if c.startswith("score_") or c == "mahalanobis"]:
+        values = np.array([np.nan if v is None else v for v in table.column(column).to_pylist()], dtype=np.float64)
+        finite = np.isfinite(values)
+        if not finite.any():
+            continue
+        cut = thresholds.get(column, {})
+        lo, hi = float(values[finite].min()), float(values[finite].max())
+        if isinstance(cut.get("threshold"), (int, float)):
+            lo, hi = min(lo, cut["threshold"]), max(hi, cut["threshold"])
+        edges = np.linspace(lo, hi if hi > lo else lo + 1.0, HISTOGRAM_BINS + 1)
+        kept = np.histogram(values[finite & (decisions == "keep")], edges)[0]
+        dropped = np.histogram(values[finite & (decisions != "keep")], edges)[0]
+        out.append({"column": column, "id": "hist-" + re.sub(r"[^a-z0-9]+", "-", column.lower()),
+                    "centers": ((edges[:-1] + edges[1:]) / 2).tolist(), "width": float(edges[1] - edges[0]),
+                    "kept": kept.tolist(), "dropped": dropped.tolist(), "threshold": cut.get("threshold"),
+                    "drop_above": cut.get("drop_above"), "reason": cut.get("reason"), "scored": int(finite.sum())})
+    return out
+
+
+def _examples(folder: Path) -> dict:
+    from genfoundry.curation.examples import EXAMPLES
+
+    index_text = _read_text(folder / EXAMPLES / "index.json")
+    if not index_text:
+        return {}
+    out = {}
+    for reason, entries in json.loads(index_text).items():
+        shown = []
+        for entry in entries:
+            src = None
+            if entry.get("file"):
+                try:
+                    src = "data:image/jpeg;base64," + base64.b64encode((folder / EXAMPLES / entry["file"])
+                                                                       .read_bytes()).decode()
+                except OSError:
+                    src = None  # index.json names it, the file is gone: the entry shows without a picture
+            shown.append({"source": entry.get("source"), "message": entry.get("message"), "src": src})
+        out[reason] = shown
+    return out
