@@ -81,8 +81,15 @@ def _nccl_rank(rank, world_size, root, out):
             "finite": all(bool(torch.isfinite(v).all()) for v in whole.values()),
             "resume_gap": max((whole[k].float() - split[k].float()).abs().max().item() for k in whole),
             "checkpoints": sorted(p.name for p in (root / name / "checkpoints").iterdir()),
+            "report": (root / name / "report.html").is_file(),
+            "tensorboard": len(list((root / name).glob("events.out.tfevents.*"))),
         }
     result["remote"] = sorted(p.name for p in (root / "remote-fsdp-full-remote").iterdir())
+    try:
+        import tensorboard  # noqa: F401
+        result["has_tensorboard"] = True
+    except ImportError:
+        result["has_tensorboard"] = False
     with open(f"{out}/result.json", "w") as f:
         json.dump(result, f)
 
@@ -98,6 +105,10 @@ def test_the_trainer_runs_and_resumes_in_a_one_rank_nccl_group(tmp_path):
         last = got["rows"][-1]
         assert got["finite"] and last["step"] == 4 and last["loss"] is not None and "val_loss" in last, (name, last)
         assert got["resume_gap"] < 1e-4, (name, got["resume_gap"])
+        # in a process group, spread metrics carry the ranks' extremes; memory is the CUDA allocator's
+        assert last["data/wait_fraction.min"] <= last["data/wait_fraction"] <= last["data/wait_fraction.max"]
+        assert 0 < last["memory_allocated_gb"] <= last["peak_memory_gb"] < 100, (name, last)
+        assert got["report"] and got["tensorboard"] == (1 if result["has_tensorboard"] else 0), name
     assert result["fsdp-bf16"]["checkpoints"] == ["full-000000002", "full-000000004"]
     snapshots = ["snapshot-000000002", "snapshot-000000003", "snapshot-000000004"]
     assert result["fsdp-full-remote"]["checkpoints"] == ["full-000000002", "full-000000004", *snapshots]

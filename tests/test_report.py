@@ -4,6 +4,8 @@ every chart without a JavaScript error."""
 
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,11 +15,18 @@ from genfoundry import config, metrics
 from genfoundry.api import build_report, evaluate, train
 from genfoundry.report.data import ReportError, chart_specs, goodput, pack_columns, unpack_columns
 
+from conftest import ROOT
 from test_train import tiny_cfg
 
 QUIET = lambda *a, **k: None  # noqa: E731
 RUN = {"run.name": "a", "train.log_every": 1, "train.val_every": 4, "train.sample_every": 4,
        "train.report_every": 4, "checkpoint.full_every": 4, "eval.num_samples": 4, "eval.max_reference_images": 16}
+
+
+def test_the_report_does_not_import_torch():
+    code = ("import sys, genfoundry.report, genfoundry.report.data, genfoundry.report.browser; "
+            "sys.exit('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=60).returncode == 0
 
 
 def test_columns_travel_whole_and_exactly():

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from genfoundry import metrics
+from genfoundry import rundir
 from genfoundry.errors import GenfoundryError
 
 SAMPLE_BYTES = 8 * 2**20  # the sample grids a page embeds, at most; evenly spaced ones past that
@@ -109,15 +109,15 @@ def chart_specs(names: set[str]) -> list[dict]:
 
 def read_run(run_dir: str | Path, name: str | None = None) -> dict:
     run_dir = Path(run_dir)
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / rundir.METRICS
     if not path.is_file():
         why = "does not exist" if not run_dir.exists() else "has no metrics.jsonl (is it a run directory?)"
         raise ReportError(f"'{run_dir}' {why}")
     try:
-        every = metrics.read_jsonl(path, all_rows=True)
-    except metrics.MetricsError as e:
+        every = rundir.read_jsonl(path, all_rows=True)
+    except rundir.MetricsError as e:
         raise ReportError(str(e)) from None
-    kept = metrics.kept_rows(every)
+    kept = rundir.kept_rows(every)
     config_text = _read_text(run_dir / "config.toml")
     try:
         config = tomllib.loads(config_text) if config_text else {}
