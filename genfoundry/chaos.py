@@ -186,13 +186,13 @@ def _launch(trial_dir: Path, faults: list[Fault], *, config: str, train_args: li
 
 
 def _read_rows(path: Path, previous: list[dict]) -> list[dict]:
-    """Every row of metrics.jsonl as written, or `previous` while it is missing or its last line is half
-    written (read again at the next poll)."""
+    """Every row of metrics.jsonl as written (a last line half written is left out), or `previous`
+    while it is missing."""
     from genfoundry import metrics
 
     try:
         return metrics.read_jsonl(path, all_rows=True)
-    except (FileNotFoundError, json.JSONDecodeError):
+    except FileNotFoundError:
         return previous
 
 

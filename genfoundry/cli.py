@@ -294,6 +294,15 @@ def main(argv: list[str] | None = None) -> int:
         return launch_torchrun(args.nproc, argv, args.max_restarts)
     if args.command == "curate" and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return launch_torchrun(args.nproc, argv)
+    if args.command == "report" and not rest:  # no torch: training starts this to rebuild a live run's page
+        from genfoundry.report import build_report
+
+        try:
+            print(f"report: {build_report(args.run_dir, args.out, args.curation)}")
+        except GenfoundryError as e:
+            print(f"genfoundry report: error: {e}", file=sys.stderr)
+            return 2
+        return 0
     from genfoundry import api  # after parsing, so that --help stays fast
 
     try:
@@ -380,8 +389,6 @@ def main(argv: list[str] | None = None) -> int:
             precisions = args.precision or ["bf16"]
             run(args.preset or ["DiT-B/2"], args.batch_size, precisions[0], args.compile, args.steps, args.out,
                 args.device, not args.no_baseline, precisions, args.profile)
-        elif args.command == "report":
-            print(f"report: {api.build_report(args.run_dir, args.out, args.curation)}")
         elif args.command == "eval":
             api.evaluate(args.run_dir, args.num_samples, args.reference, args.split, args.device,
                          resize=args.resize, max_reference_images=args.max_reference_images, weights=args.weights,

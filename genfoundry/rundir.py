@@ -27,6 +27,8 @@ def read_jsonl(path: str | Path, all_rows: bool = False) -> list[dict]:
     try:
         with open(path, "rb") as f:
             lines = [line for line in f.read().decode("utf-8", "replace").split("\n") if line.strip()]
+    except FileNotFoundError:
+        raise
     except OSError as e:
         raise MetricsError(f"cannot read {path}: {e.strerror or e}") from None
     rows = []

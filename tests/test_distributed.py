@@ -32,6 +32,13 @@ def _train_rank(rank, world_size, root, name, overrides):
     train(tiny_cfg(root, name, **overrides), QUIET)
 
 
+def _train_runs(rank, world_size, root, runs):
+    """Several runs, one after another, in one process group (a run of the same name resumes from its
+    checkpoint as a new command would); saves spawning ranks per run."""
+    for name, overrides in runs:
+        train(tiny_cfg(root, name, **overrides), QUIET)
+
+
 def final_weights(run_dir) -> dict:
     return {kind: load_file(str(run_dir / "final" / f"{kind}.safetensors")) for kind in ("model", "ema")}
 
@@ -48,9 +55,8 @@ def test_ranks_and_micro_batches_are_equivalent_to_one_big_batch(tmp_path):
     = 2 ranks whose gradients go through the torus all-reduce hook."""
     train(tiny_cfg(tmp_path, "one"), QUIET)
     train(tiny_cfg(tmp_path, "accum", **{"train.micro_batch_size": 2}), QUIET)
-    run_ranks(_train_rank, 2, tmp_path, "ddp", {}, timeout=180)
-    run_ranks(_train_rank, 2, tmp_path, "ddp-accum", {"train.micro_batch_size": 2}, timeout=180)
-    run_ranks(_train_rank, 2, tmp_path, "torus", {"parallel.comm_hook": "torus"}, timeout=180)
+    run_ranks(_train_runs, 2, tmp_path, [("ddp", {}), ("ddp-accum", {"train.micro_batch_size": 2}),
+                                         ("torus", {"parallel.comm_hook": "torus"})], timeout=180)
     one = final_weights(tmp_path / "one")
     for other in ("accum", "ddp", "ddp-accum", "torus"):
         assert_close_weights(one, final_weights(tmp_path / other))
@@ -58,10 +64,14 @@ def test_ranks_and_micro_batches_are_equivalent_to_one_big_batch(tmp_path):
     fresh = tiny_cfg(tmp_path, "fresh")
     from genfoundry.trainer import Trainer
 
-    init = Trainer(fresh, QUIET).net.state_dict()
+    net = Trainer(fresh, QUIET).net
+    init = net.state_dict()
     assert any(not torch.allclose(init[k], one["model"][k]) for k in init)
     rows = metrics.read_jsonl(tmp_path / "ddp-accum" / "metrics.jsonl")
     assert rows[-1]["images_seen"] == 24 and "val_loss" in rows[-1]
+    # DDP's all-reduce of every fp32 gradient: 2 (p - 1) / p of their bytes, p = 2
+    assert rows[-1]["comm/bytes_per_step"] == 4 * sum(p.numel() for p in net.parameters())
+    assert rows[-1]["data/wait_fraction.min"] <= rows[-1]["data/wait_fraction.max"]
 
 
 @pytest.mark.timeout(240)
@@ -70,6 +80,9 @@ def test_fsdp2_on_two_ranks_matches_one_rank_and_resumes_on_one(tmp_path):
     run_ranks(_train_rank, 2, tmp_path, "fsdp", overrides, timeout=180)
     train(tiny_cfg(tmp_path, "one"), QUIET)
     assert_close_weights(final_weights(tmp_path / "one"), final_weights(tmp_path / "fsdp"))
+    # per step: the weights all-gathered for forward and backward, the gradients reduce-scattered
+    weights = sum(v.numel() * v.element_size() for v in final_weights(tmp_path / "one")["model"].values())
+    assert metrics.read_jsonl(tmp_path / "fsdp" / "metrics.jsonl")[-1]["comm/bytes_per_step"] == 3 * weights // 2
     # The checkpoint holds full weights: the same run continues on one rank, with DDP-free training.
     train(tiny_cfg(tmp_path, "fsdp", **{**overrides, "parallel.strategy": "none", "train.steps": 4}), QUIET)
     train(tiny_cfg(tmp_path, "one4", **{"train.steps": 4}), QUIET)
@@ -231,17 +244,15 @@ def test_nproc_and_two_node_rendezvous_train_like_one_process(tmp_path, cli):
 def test_topk_compression_trains_reports_bytes_and_resumes_exactly(tmp_path):
     overrides = {"parallel.comm_hook": "topk", "parallel.topk_ratio": 0.05, "parallel.topk_warmup_steps": 2,
                  "train.steps": 4, "checkpoint.full_every": 2}
-    run_ranks(_train_rank, 2, tmp_path, "whole", overrides, timeout=180)
-    run_ranks(_train_rank, 2, tmp_path, "split", {**overrides, "train.steps": 2}, timeout=180)
+    run_ranks(_train_runs, 2, tmp_path, [("whole", overrides), ("split", {**overrides, "train.steps": 2}),
+                                         ("split", overrides), ("plain", {"train.steps": 4})], timeout=180)
     assert (tmp_path / "split" / "checkpoints" / "full-000000002" / "rank-00001.pt").is_file()
-    run_ranks(_train_rank, 2, tmp_path, "split", overrides, timeout=180)
     whole, split = final_weights(tmp_path / "whole"), final_weights(tmp_path / "split")
     for kind in whole:
         assert all(torch.equal(whole[kind][k], split[kind][k]) for k in whole[kind]), kind
     rows = metrics.read_jsonl(tmp_path / "whole" / "metrics.jsonl")
     last = rows[-1]
     assert last["comm/bytes_per_step"] > 0 and last["comm/compression_ratio"] > 5
-    run_ranks(_train_rank, 2, tmp_path, "plain", {"train.steps": 4}, timeout=180)
     plain = metrics.read_jsonl(tmp_path / "plain" / "metrics.jsonl")[-1]
     assert abs(last["val_loss"] - plain["val_loss"]) < 0.1 * plain["val_loss"]
 
@@ -270,11 +281,10 @@ def test_an_fp16_overflow_with_compression_is_skipped_and_the_run_recovers(tmp_p
 def test_powersgd_resumes_exactly_with_its_error_feedback_and_q(tmp_path):
     overrides = {"parallel.comm_hook": "powersgd", "parallel.powersgd_rank": 2,
                  "parallel.powersgd_warmup_steps": 2, "train.steps": 4, "checkpoint.full_every": 2}
-    run_ranks(_train_rank, 2, tmp_path, "whole", overrides, timeout=180)
     # Resumed before compression starts (DDP's buckets differ on a resumed run's first step, so Q must
     # not be drawn per bucket), then with error feedback and Q to carry over.
-    for steps in (2, 3, 4):
-        run_ranks(_train_rank, 2, tmp_path, "split", {**overrides, "train.steps": steps}, timeout=180)
+    run_ranks(_train_runs, 2, tmp_path, [("whole", overrides)] + [("split", {**overrides, "train.steps": steps})
+                                                                  for steps in (2, 3, 4)], timeout=180)
     whole, split = final_weights(tmp_path / "whole"), final_weights(tmp_path / "split")
     # PowerSGD on gloo is not bit-deterministic (two uninterrupted runs differ by ~1e-8 here); losing its
     # state at the resume moved the weights by ~6e-3.

@@ -3,9 +3,11 @@ metrics.jsonl, TensorBoard event files and report.html; a curation joins it; hea
 every chart without a JavaScript error."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -138,7 +140,7 @@ def test_a_run_with_a_restart_reports_everywhere_and_every_chart_draws(tmp_path)
     charts = {c["id"]: c for c in seen["status"]["charts"]}
     assert {"chart-timeline", "chart-loss", "chart-grad-norm", "chart-lr", "chart-fid", "hist-score-blank"} <= set(charts)
     assert all(c["drawn"] and c["points"] > 0 for c in charts.values()), charts
-    assert charts["chart-loss"]["series"] == 2 * 3 * 2  # two runs x (loss, val_loss, val_loss_ema) x (raw, smoothed)
+    assert charts["chart-loss"]["series"] == 2 * 4  # two runs x (loss raw and smoothed, val_loss, val_loss_ema)
     assert charts["chart-loss"]["points"] == 2 * (12 + 4 + 4)  # every logged value: 12 losses, 4 validations each
     assert shot.stat().st_size > 50_000
     data = json.loads(page.read_text().split("id=report-data>", 1)[1].split("</script>", 1)[0])
@@ -153,3 +155,29 @@ def test_tensorboard_can_be_switched_off(tmp_path):
     assert not list((tmp_path / "quiet").glob("events.out.tfevents.*"))
     assert (tmp_path / "quiet" / "report.html").is_file()  # the end of a run always writes it
     assert config.load("demo").train.report_every > 0
+
+
+def _page_rows(page) -> int:
+    return json.loads(page.read_text().split("id=report-data>", 1)[1].split("</script>", 1)[0])["runs"][0]["rows"]
+
+
+@pytest.mark.timeout(120)
+def test_a_live_run_rebuilds_its_report_while_it_trains(tmp_path):
+    args = [sys.executable, "-m", "genfoundry", "train", "--config", "demo", f"--run.root={tmp_path}",
+            "--run.name=live", "--train.steps=1000", "--train.log_every=1", "--train.report_every=3",
+            "--train.val_every=1000", "--train.sample_every=0", "--checkpoint.full_every=0", "--run.threads=1",
+            "--train.global_batch_size=8", "--train.val_batch_size=16"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    page, seen = tmp_path / "live" / "report.html", []
+    try:
+        deadline = time.monotonic() + 90
+        while len(set(seen)) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            if page.exists():
+                seen.append(_page_rows(page))  # replaced whole (atomic rename): never half a page
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.stderr.read().decode()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert len(set(seen)) >= 2 and seen == sorted(seen), seen  # rebuilt, newer steps each time

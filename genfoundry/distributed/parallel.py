@@ -291,6 +291,23 @@ def checkpoint_activations(block: nn.Module) -> None:
     block.forward = checkpointed
 
 
+def comm_bytes_per_step(model: nn.Module, strategy: str, world: int, accumulation: int) -> int | None:
+    """Bytes one rank puts on the network per optimizer step for the gradients and weights, counted as
+    ring collectives send them (the communication hooks count the same way): DDP all-reduces every
+    gradient once, 2 (p - 1) / p of their bytes; FSDP2 all-gathers the weights for each forward and
+    backward, (p - 1) / p each, and reduce-scatters the gradients once. None where not counted (HSDP),
+    0 alone."""
+    if world < 2:
+        return 0
+    payload = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    strategy = resolve_strategy(strategy, world)
+    if strategy == "ddp":
+        return 2 * (world - 1) * payload // world
+    if strategy == "fsdp":
+        return (2 * accumulation + 1) * (world - 1) * payload // world
+    return None
+
+
 def resolve_strategy(strategy: str, world: int) -> str:
     if strategy == "auto":
         return "ddp" if world > 1 else "none"

@@ -109,9 +109,10 @@ class ParallelState:
 class HookState:
     """A communication hook's state as the trainer sees it: per-step calls, byte counts, save, load."""
 
-    def __init__(self, comm_state, hook: str, world: int, print_fn=print):
+    def __init__(self, comm_state, hook: str, world: int, print_fn=print, plain_bytes: int | None = None):
         self.comm, self.hook, self.world, self.print = comm_state, hook, world, print_fn
         self._sent = self._dense = 0
+        self.plain_bytes = plain_bytes  # without a hook: what the strategy's collectives send per step
 
     @property
     def per_rank(self) -> bool:
@@ -124,6 +125,8 @@ class HookState:
 
     def finish_step(self, applied: bool) -> None:
         if self.comm is None:
+            if self.plain_bytes:
+                metrics.report("comm/bytes_per_step", self.plain_bytes)
             return
         self.comm.finish_step(applied=applied)
         metrics.report("comm/bytes_per_step", self.comm.bytes_sent - self._sent)

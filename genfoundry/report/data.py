@@ -44,16 +44,13 @@ def unpack_columns(blob: str, count: int) -> np.ndarray:
     return np.ascontiguousarray(planes.transpose(0, 2, 1)).view("<f4").reshape(count, -1)
 
 
-def _number(value) -> float:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
-
-
 # ---- charts: which metrics share one ------------------------------------------------------------
 
 SECTIONS = ("Loss", "Optimization", "Throughput", "Memory", "Communication", "Checkpoints and faults", "Data",
             "Other")
 # Metrics drawn together on one chart (the first names it); a name's .min/.max go with it.
 GROUPS = {"loss": ("loss", "val_loss", "val_loss_ema")}
+# Noisy metrics get the smoothed line (validation losses are of fixed images and noise: already smooth).
 SMOOTHED = {"loss", "grad_norm", "images_per_s", "mfu", "data/wait_fraction", "comm/bytes_per_step",
             "comm/dense_bytes_per_step", "comm/compression_ratio", "checkpoint/stall_s"}
 TITLES = {"loss": "loss (training, validation, validation of the EMA)", "lr": "learning rate",
@@ -98,7 +95,8 @@ def chart_specs(names: set[str]) -> list[dict]:
         members.sort(key=lambda m: (order.index(m[:-4] if m.endswith((".min", ".max")) else m)
                                     if (m[:-4] if m.endswith((".min", ".max")) else m) in order else len(order), m))
         specs.append({"id": "chart-" + re.sub(r"[^a-z0-9]+", "-", lead.lower()).strip("-"),
-                      "title": TITLES.get(lead, lead), "section": section_of(lead), "smooth": lead in SMOOTHED,
+                      "title": TITLES.get(lead, lead), "section": section_of(lead),
+                      "smooth": [m for m in members if m in SMOOTHED],
                       "series": [{"metric": m, "role": "band" if m.endswith((".min", ".max")) else "main"}
                                  for m in members]})
     specs.sort(key=lambda s: (SECTIONS.index(s["section"]), s["title"]))
@@ -125,11 +123,20 @@ def read_run(run_dir: str | Path, name: str | None = None) -> dict:
         raise ReportError(f"{run_dir / 'config.toml'} is not TOML: {e}") from None
     batch = config.get("train", {}).get("global_batch_size", 0)
     start = min((r["time"] for r in every if isinstance(r.get("time"), (int, float))), default=0.0)
-    names = sorted({k for r in kept for k, v in r.items() if k not in ("format_version", "step", "time", "event")
-                    and isinstance(v, (int, float)) and not isinstance(v, bool)})
+    keys: set[str] = set()
+    for r in kept:
+        keys.update(r)
+    values = {k: [math.nan] * len(kept) for k in keys - {"format_version", "step", "time", "event"}}
+    for j, r in enumerate(kept):  # one pass over each row's items: a long run has millions of values
+        for k, v in r.items():
+            column = values.get(k)
+            if column is not None and v.__class__ in (int, float):  # numbers only; bool is not one
+                column[j] = v
+    numeric = {k: np.array(v) for k, v in values.items()}
+    names = sorted(k for k, v in numeric.items() if not np.isnan(v).all())  # text-only keys have no chart
     columns = [np.array([r["step"] for r in kept], dtype=np.float64),
                np.array([r.get("time", start) - start for r in kept], dtype=np.float64)]
-    columns += [np.array([_number(r.get(n)) for r in kept]) for n in names]
+    columns += [numeric[n] for n in names]
     constant = {}  # metrics that never changed: a table row each instead of a flat chart
     for n, column in zip(names, columns[2:]):
         finite = column[np.isfinite(column)]
@@ -189,7 +196,8 @@ def goodput(every: list[dict], kept: list[dict], batch: int) -> dict:
         if prev is None or not isinstance(ips, (int, float)) or ips <= 0 or not batch or r["step"] <= prev:
             continue
         s = (r["step"] - prev) * batch / ips
-        lost = sum(1 for k in range(prev + 1, r["step"] + 1) if k in lost_steps) / (r["step"] - prev)
+        lost = (sum(1 for k in range(prev + 1, r["step"] + 1) if k in lost_steps) / (r["step"] - prev)
+                if lost_steps else 0.0)
         if id(r) in kept_ids:
             useful += s * (1 - lost)
             wasted += s * lost

@@ -45,7 +45,7 @@
   function fmtValue(v) {
     if (v == null || !isFinite(v)) return "–";
     const a = Math.abs(v);
-    return a !== 0 && (a < 1e-3 || a >= 1e6) ? v.toExponential(3) : +v.toPrecision(5) + "";
+    return a !== 0 && (a < 1e-3 || a >= 1e6) ? Number(v.toExponential(3)).toExponential() : +v.toPrecision(5) + "";
   }
   function smooth(ys, w) {  // exponential moving average with bias correction, as TensorBoard's
     const out = new Array(ys.length);
@@ -110,7 +110,8 @@
   }
 
   function metricData(spec) {
-    const tables = [], series = [{}], extra = [];
+    const xLabel = state.x === "step" ? "step" : "wall time";
+    const tables = [], series = [{ label: xLabel, value: (u, v) => v == null ? "–" : state.x === "step" ? fmtValue(v) : fmtSeconds(v) }], extra = [];
     let points = 0;
     data.runs.forEach((run, r) => {
       spec.series.forEach((s, k) => {
@@ -123,7 +124,7 @@
           tables.push(t);
           series.push({ label, stroke: color, width: 1, dash: [5, 4], spanGaps: true, points: { show: false } });
           extra.push(null);
-        } else if (spec.smooth) {
+        } else if (spec.smooth.includes(s.metric)) {
           tables.push([t[0], t[1], smooth(t[1], state.smoothing)]);
           series.push({ label: label + " (raw)", stroke: color + "44", width: 1, spanGaps: true, points: { show: false } });
           series.push({ label, stroke: color, width: 1.6, spanGaps: true, points: { show: false } });
@@ -141,7 +142,7 @@
 
   function addMetricChart(spec, container) {
     const box = document.createElement("div");
-    box.className = "chart";
+    box.className = spec.id === "chart-loss" ? "chart wide" : "chart";  // the one chart everyone reads first
     box.innerHTML = `<h3>${escapeHtml(spec.title)}</h3>`;
     container.appendChild(box);
     const built = metricData(spec);
@@ -156,14 +157,24 @@
       plugins: [eventMarks(), zoomSync(), drawnHook(() => entry)],
     };
     const plot = new uPlot(opts, built.data, box);
+    hideRawInLegend(plot);
     entry = register(spec.id, spec.title, box, plot, "metric", built.points);
     plots[plots.length - 1].spec = spec;
+  }
+
+  // The faint logged values stay on the chart but out of the legend, which lists each metric once.
+  function hideRawInLegend(plot) {
+    const rows = plot.root.querySelectorAll(".u-legend .u-series");
+    plot.series.forEach((s, i) => { if (s.label && s.label.endsWith(" (raw)") && rows[i]) rows[i].style.display = "none"; });
   }
 
   function redrawMetrics(resetScales) {
     for (const p of plots) {
       if (p.xKind !== "metric") continue;
       const built = metricData(p.spec);
+      p.plot.series[0].label = built.series[0].label;
+      const label = p.plot.root.querySelector(".u-legend .u-series .u-label");
+      if (label) label.textContent = built.series[0].label;
       p.plot.setData(built.data, resetScales);
     }
   }
@@ -174,7 +185,7 @@
 
   // ---- the timeline: steps against wall time, every attempt, with checkpoints and restarts --------
   function addTimeline(container) {
-    const tables = [], series = [{}];
+    const tables = [], series = [{ label: "wall time", value: (u, v) => v == null ? "–" : fmtSeconds(v) }];
     let points = 0;
     data.runs.forEach((run, r) => {
       if (!run.attemptTime || !run.attemptTime.length) return;
@@ -208,7 +219,7 @@
   }
 
   function addFid(container) {
-    const tables = [], series = [{}];
+    const tables = [], series = [{ label: "step" }];
     let points = 0;
     data.runs.forEach((run, r) => {
       if (!run.fid.length) return;

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-import threading
+import os
 import time
 from pathlib import Path
 
@@ -88,7 +88,8 @@ class Trainer(TrainerState):
         self.scaler = DynamicLossScaler(tc.loss_scale_init, tc.loss_scale_growth_interval) if self.precision == "fp16" else None
         self.overflow_streak = self.nonfinite_streak = 0
         self.parallel = ParallelState(self.model, self.optimizer, self.ema)
-        self.hook = HookState(getattr(self.model, "comm_state", None), cfg.parallel.comm_hook, self.world, self.print)
+        self.hook = HookState(getattr(self.model, "comm_state", None), cfg.parallel.comm_hook, self.world, self.print,
+                              parallel.comm_bytes_per_step(model, cfg.parallel.strategy, self.world, self.accumulation))
         ck = cfg.checkpoint
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", self.device, keep=ck.keep,
                                              keep_snapshots=ck.keep_snapshots, remote=ck.remote,
@@ -182,7 +183,6 @@ class Trainer(TrainerState):
                 return self.finish_preempted(saved=self.step > start_step)
             if done:
                 break
-            self._step_start = time.perf_counter()
             self.train_step()
         self.save_final(last)
         self.finish_checkpoints()
@@ -194,7 +194,7 @@ class Trainer(TrainerState):
         restarts and rollbacks so far (from the records of earlier attempts)."""
         tc = self.cfg.train
         self.console = metrics.ConsoleSink(tc.steps, self.print)
-        self.jsonl = self.tensorboard = self._report_thread = None
+        self.jsonl = self.tensorboard = self._report_process = None
         self._logged_checkpoints: set[int] = set()
         self.restarts = self.rollbacks = 0
         if self.rank != 0:
@@ -233,29 +233,40 @@ class Trainer(TrainerState):
                 self.log_event("checkpoint", record["step"], {**record, "failed": record["durable_s"] is None})
 
     def refresh_report(self, final: bool = False) -> None:
-        """Rebuilds RUN/report.html on rank 0: during training in a background thread (skipped while the
-        previous rebuild still runs), at the end in this thread. A page that cannot be written is
-        warned about; training goes on."""
+        """Rebuilds RUN/report.html on rank 0. During training in a separate, low-priority process
+        (`genfoundry report`, which imports no torch), so reading a long metrics.jsonl never holds this
+        process's interpreter lock; skipped while the previous rebuild still runs. At the end, here.
+        A page that cannot be written is a warning; training goes on."""
         if self.rank != 0:
+            return
+        previous = self._report_process
+        if previous is not None and previous.poll() is None:
+            if not final:
+                return
+            previous.wait()
+        if previous is not None and previous.returncode:
+            why = previous.stderr.read().decode(errors="replace").strip().splitlines()
+            self.print(f"warning: the report of {self.run_dir} was not rebuilt: {why[-1] if why else 'failed'}")
+        if previous is not None:
+            previous.stderr.close()
+            self._report_process = None
+        if not final:
+            import subprocess
+            import sys
+
+            nice = (lambda: os.nice(10)) if hasattr(os, "nice") else None
+            self._report_process = subprocess.Popen([sys.executable, "-m", "genfoundry", "report", str(self.run_dir)],
+                                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                                    preexec_fn=nice)
             return
         from genfoundry.report import build_report
 
-        def build() -> None:
-            try:
-                build_report([self.run_dir])
-            except (GenfoundryError, OSError) as e:
-                self.print(f"warning: the report of {self.run_dir} was not rebuilt: {e}")
-
-        if self._report_thread is not None and self._report_thread.is_alive():
-            if not final:
-                return
-            self._report_thread.join()
-        if final:
-            build()
-            self.print(f"report: {self.run_dir / 'report.html'} (genfoundry report {self.run_dir} rebuilds it)")
-        else:
-            self._report_thread = threading.Thread(target=build, name="genfoundry-report", daemon=True)
-            self._report_thread.start()
+        try:
+            build_report([self.run_dir])
+        except (GenfoundryError, OSError) as e:
+            self.print(f"warning: the report of {self.run_dir} was not written: {e}")
+            return
+        self.print(f"report: {self.run_dir / 'report.html'} (genfoundry report {self.run_dir} rebuilds it)")
 
     def finish_checkpoints(self) -> None:
         """Waits until every checkpoint is durable (and uploaded), says what failed, and lets the
@@ -292,6 +303,7 @@ class Trainer(TrainerState):
         gradient reduction across ranks only on the last. Each micro-batch's loss is divided by the
         accumulation, so the gradient is the mean over the global batch however it is split."""
         tc = self.cfg.train
+        started = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         scale = self.scaler.scale if self.scaler else 1.0
         self.hook.begin_step(scale, may_skip=True)  # any step may be skipped: overflow, NaN or inf
@@ -335,7 +347,7 @@ class Trainer(TrainerState):
         metrics.report("nonfinite_steps", 0.0 if finite or self.scaler else 1.0)
         self.nonfinite_streak = 0 if finite else self.nonfinite_streak + 1
         # Host time waiting for batches over the step's time; per rank, so a slow loader shows in .max.
-        metrics.report("data/wait_fraction", waited / max(time.perf_counter() - self._step_start, 1e-9), spread=True)
+        metrics.report("data/wait_fraction", waited / max(time.perf_counter() - started, 1e-9), spread=True)
         self.step += 1
         self.images_seen += tc.global_batch_size
 
