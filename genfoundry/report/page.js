@@ -13,8 +13,9 @@
 
   async function unpack(blob, count) {
     if (!blob) return [];
-    const bytes = Uint8Array.from(atob(blob), (c) => c.charCodeAt(0));
-    const stream = new Blob([bytes]).stream().pipeThrough(new DecompressionStream("deflate"));
+    // the browser's own base64 decoder (a data: URL) feeding its own inflater
+    const response = await fetch("data:application/octet-stream;base64," + blob);
+    const stream = response.body.pipeThrough(new DecompressionStream("deflate"));
     const planes = new Uint8Array(await new Response(stream).arrayBuffer());
     const rows = planes.length / 4 / count;
     const columns = [];
