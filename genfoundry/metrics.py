@@ -102,6 +102,27 @@ class JsonlSink:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._cut_torn_line()
+
+    def _cut_torn_line(self) -> None:
+        """A last line without its newline was cut short by a crash: it is removed, or the next row
+        would be glued to it and both lost (the reader leaves out only a torn last line)."""
+        try:
+            with open(self.path, "rb+") as f:
+                size = f.seek(0, 2)
+                if not size:
+                    return
+                f.seek(size - 1)
+                if f.read(1) == b"\n":
+                    return
+                f.seek(max(size - 2**20, 0))
+                tail = f.read()
+                if b"\n" in tail:
+                    f.truncate(size - len(tail) + tail.rfind(b"\n") + 1)
+                elif size <= len(tail):  # the whole file is one torn line
+                    f.truncate(0)
+        except FileNotFoundError:
+            pass
 
     def write(self, step: int, values: dict, wall_time: float | None = None) -> None:
         self._append({"format_version": FORMAT_VERSION, "step": step, "time": wall_time or time.time(), **values})
@@ -123,10 +144,11 @@ class TensorBoardSink:
     runs/` shows every run: the scalars of each interval, events as scalars, sample grids as images,
     the resolved config as text. The `tensorboard` package is imported here only, when a run asks."""
 
-    def __init__(self, log_dir: str | Path):
+    def __init__(self, log_dir: str | Path, purge_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter  # ImportError without the tensorboard package
 
-        self.writer = SummaryWriter(str(log_dir), flush_secs=10)  # its thread flushes: a live run lags <= 10 s
+        # purge_step: a resumed run (from step k, purge_step k + 1) hides the abandoned attempt's later events
+        self.writer = SummaryWriter(str(log_dir), flush_secs=10, purge_step=purge_step)  # its thread flushes: a live run lags <= 10 s
 
     def write(self, step: int, values: dict, wall_time: float | None = None) -> None:
         for name, value in values.items():

@@ -60,12 +60,18 @@ def test_goodput_counts_redone_steps_and_downtime():
     g = goodput(rows, metrics.kept_rows(rows), batch)
     assert g["wall_s"] == 60.0 and g["training_s"] == 20.0 and g["redone_s"] == 10.0 and g["down_s"] == 30.0
     assert g["goodput"] == pytest.approx(1 / 3)
+    rows.append({"event": "eval", "step": 20, "time": 86400.0, "fid": 3.0})  # scored a day later
+    assert goodput(rows, metrics.kept_rows(rows), batch) == g
+    assert goodput(rows, metrics.kept_rows(rows), 0)["goodput"] is None  # no batch known: no figure
 
 
 def test_a_torn_last_line_is_left_out_and_a_bad_line_elsewhere_is_named(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 0, "loss": 1.0}\n{"step": 1, "loss": 0.9}\n{"step": 2, "lo')
     assert [r["step"] for r in metrics.read_jsonl(path)] == [0, 1]
+    sink = metrics.JsonlSink(path)  # a resumed run first cuts the torn line off, then appends whole rows
+    sink.write(2, {"loss": 0.8})
+    assert [r["step"] for r in metrics.read_jsonl(path)] == [0, 1, 2]
     path.write_text('{"step": 0}\nnot json\n{"step": 2}\n')
     with pytest.raises(metrics.MetricsError, match="line 2"):
         metrics.read_jsonl(path)

@@ -93,7 +93,14 @@ def grid(images: torch.Tensor, rows: int, pad: int = 2) -> torch.Tensor:
 
 
 def save_png(image_hwc: torch.Tensor, path) -> None:
+    """Whole or not at all: a live report (or a crash) never meets half a grid."""
+    import io
+
     from PIL import Image
 
+    from genfoundry.checkpoint.storage import write_atomic
+
     array = image_hwc.numpy()
-    Image.fromarray(array[..., 0] if array.shape[2] == 1 else array).save(path)
+    buffer = io.BytesIO()
+    Image.fromarray(array[..., 0] if array.shape[2] == 1 else array).save(buffer, format="PNG")
+    write_atomic(path, buffer.getvalue())

@@ -62,7 +62,7 @@ def _names(run_dirs: list) -> list[str]:
 def _page(payload: dict, uplot_js: str, uplot_css: str, script: str, style: str) -> str:
     runs, cur = payload["runs"], payload["curation"]
     title = ", ".join(r["name"] for r in runs) or "curation"
-    data = json.dumps(payload, separators=(",", ":"), allow_nan=False, default=_json_default).replace("</", "<\\/")
+    data = json.dumps(payload, separators=(",", ":"), allow_nan=False, default=_json_default).replace("<", "\\u003c")
     nav = [("timeline", "Timeline"), ("section-loss", "Loss"), ("evaluation", "FID"), ("samples", "Samples"),
            ("config", "Config")] + ([("curation", "Curation")] if cur else [])
     parts = [

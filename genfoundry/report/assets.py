@@ -69,10 +69,13 @@ def install(tarball: str | Path | None = None, registry: str = "https://registry
     from genfoundry.checkpoint.storage import write_atomic
 
     folder = asset_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
-        for member, name in FILES.items():
-            write_atomic(folder / name, tar.extractfile(member).read())
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+            for member, name in FILES.items():
+                write_atomic(folder / name, tar.extractfile(member).read())
+    except OSError as e:
+        raise AssetError(f"cannot write {folder}: {e.strerror or e} (GENFOUNDRY_ASSETS=DIR puts it elsewhere)") from None
     return folder
 
 

@@ -55,9 +55,9 @@ SMOOTHED = {"loss", "grad_norm", "images_per_s", "mfu", "data/wait_fraction", "c
             "comm/dense_bytes_per_step", "comm/compression_ratio", "checkpoint/stall_s"}
 TITLES = {"loss": "loss (training, validation, validation of the EMA)", "lr": "learning rate",
           "grad_norm": "gradient norm", "images_per_s": "images/s", "mfu": "MFU",
-          "data/wait_fraction": "data wait (fraction of step time; per-rank min/max dashed)",
-          "memory_allocated_gb": "accelerator memory allocated (GiB; per-rank min/max dashed)",
-          "peak_memory_gb": "peak accelerator memory (GiB; per-rank min/max dashed)",
+          "data/wait_fraction": "data wait (fraction of step time)",
+          "memory_allocated_gb": "accelerator memory allocated (GiB)",
+          "peak_memory_gb": "peak accelerator memory (GiB)",
           "checkpoint/stall_s": "checkpoint stall (s training paused)", "eta_s": "time left (s)"}
 
 
@@ -154,9 +154,27 @@ def read_run(run_dir: str | Path, name: str | None = None) -> dict:
         "attempt_rows": len(attempts), "events": events, "constant": constant,
         "goodput": goodput(every, kept, batch), "fid": read_fid(run_dir), "samples": read_samples(run_dir),
         "last": {n: kept[-1][n] for n in ("step", "loss", "val_loss", "val_loss_ema", "images_per_s", "mfu")
-                 if kept and isinstance(kept[-1].get(n), (int, float))},
-        "best_val_loss": min((r["val_loss"] for r in kept if isinstance(r.get("val_loss"), (int, float))), default=None),
+                 if kept and _finite(kept[-1].get(n))},
+        "best_val_loss": min((r["val_loss"] for r in kept if _finite(r.get("val_loss"))), default=None),
     }
+
+
+def _finite(value) -> bool:
+    return value.__class__ in (int, float) and math.isfinite(value)
+
+
+def _read_json(path: Path, what: type = dict):
+    """A JSON file's object (or list), or None when the file is missing; anything else is a ReportError."""
+    text = _read_text(path)
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise ReportError(f"{path} is not JSON: {e}") from None
+    if not isinstance(value, what):
+        raise ReportError(f"{path} does not hold a JSON {what.__name__}")
+    return value
 
 
 def _read_text(path: Path) -> str:
@@ -174,7 +192,8 @@ def goodput(every: list[dict], kept: list[dict], batch: int) -> dict:
 
     A row's training time is its steps times the global batch over its images/s (measured without
     validation). goodput = kept training time / wall time."""
-    times = [r["time"] for r in every if isinstance(r.get("time"), (int, float))]
+    # The run's own rows: an evaluation appended a day later is not the run's wall time.
+    times = [r["time"] for r in every if isinstance(r.get("time"), (int, float)) and r.get("event") != "eval"]
     wall = max(times) - min(times) if times else 0.0
     lost_steps = set()
     for r in every:
@@ -210,18 +229,16 @@ def goodput(every: list[dict], kept: list[dict], batch: int) -> dict:
         if isinstance(r.get("time"), (int, float)):
             last_time = r["time"]
     return {"wall_s": wall, "training_s": useful, "redone_s": wasted, "down_s": down,
-            "other_s": max(wall - useful - wasted - down, 0.0), "goodput": useful / wall if wall > 0 else None}
+            "other_s": max(wall - useful - wasted - down, 0.0),
+            "goodput": useful / wall if wall > 0 and batch else None}  # no batch (no config.toml): unknown
 
 
 def read_fid(run_dir: Path) -> list[dict]:
     """Every FID the run was scored with (eval/fid-*.json), by step."""
     out = []
     for path in sorted((run_dir / "eval").glob("fid-*.json")):
-        try:
-            result = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise ReportError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
-        if isinstance(result.get("fid"), (int, float)) and isinstance(result.get("step"), int):
+        result = _read_json(path) or {}
+        if _finite(result.get("fid")) and isinstance(result.get("step"), int):
             out.append({k: result.get(k) for k in ("step", "fid", "kid_mean", "num_generated", "weights",
                                                     "reference")} | {"file": path.name})
     return sorted(out, key=lambda r: (r["step"], r["file"]))
@@ -260,13 +277,12 @@ def read_curation(folder: str | Path) -> dict:
     from genfoundry.curation import manifest as mf
 
     folder = Path(folder)
-    summary_text = _read_text(folder / mf.SUMMARY)
-    if not summary_text:
+    summary = _read_json(folder / mf.SUMMARY)
+    if summary is None:
         raise ReportError(f"'{folder}' is not a curation output ({mf.SUMMARY} is missing)")
-    try:
-        summary = json.loads(summary_text)
-    except ValueError as e:
-        raise ReportError(f"{folder / mf.SUMMARY} is not JSON: {e}") from None
+    missing = [k for k in ("num_inputs", "num_kept", "num_readable", "utilization") if k not in summary]
+    if missing:
+        raise ReportError(f"{folder / mf.SUMMARY} lacks {', '.join(missing)} (not written by genfoundry curate?)")
     return {"path": str(folder), "summary": summary, "funnel_svg": _read_text(folder / mf.FUNNEL),
             "histograms": _histograms(folder / mf.MANIFEST, summary.get("thresholds", {})),
             "examples": _examples(folder)}
@@ -276,12 +292,12 @@ def _histograms(path: Path, thresholds: dict) -> list[dict]:
     """Per score column: counts of kept and dropped inputs in equal bins, and the threshold."""
     if not path.is_file():
         return []
-    import pyarrow.parquet as pq
+    from genfoundry.curation import manifest as mf
 
-    try:
-        table = pq.read_table(path)
-    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a file that is not Parquet
-        raise ReportError(f"cannot read {path}: {e}") from None
+    mf._pa()  # pyarrow, or one error saying how to install it
+    table = mf._read_table(path)
+    if table is None or "decision" not in table.column_names:
+        raise ReportError(f"{path} is not a curation manifest (not Parquet, or no 'decision' column)")
     decisions = np.array(table.column("decision").to_pylist())
     out = []
     for column in [c for c in table.column_names if c.startswith("score_") or c == "mahalanobis"]:
@@ -306,11 +322,13 @@ def _histograms(path: Path, thresholds: dict) -> list[dict]:
 def _examples(folder: Path) -> dict:
     from genfoundry.curation.examples import EXAMPLES
 
-    index_text = _read_text(folder / EXAMPLES / "index.json")
-    if not index_text:
+    index = _read_json(folder / EXAMPLES / "index.json")
+    if index is None:
         return {}
     out = {}
-    for reason, entries in json.loads(index_text).items():
+    for reason, entries in index.items():
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise ReportError(f"{folder / EXAMPLES / 'index.json'}: '{reason}' is not a list of examples")
         shown = []
         for entry in entries:
             src = None

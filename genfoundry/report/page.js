@@ -89,11 +89,26 @@
   }
 
   let syncing = false;
+  // The x range of every metric chart together: what a zoom-out returns to on all of them.
+  function fullRange() {
+    let min = Infinity, max = -Infinity;
+    for (const p of plots) {
+      const xs = p.xKind === "metric" && p.plot.data[0];
+      if (xs && xs.length) { min = Math.min(min, xs[0]); max = Math.max(max, xs[xs.length - 1]); }
+    }
+    return min <= max ? { min, max } : null;
+  }
   function zoomSync() {  // a zoom on one chart of the x axis applies to all of them
     return { hooks: { setScale: [(u, key) => {
       if (key !== "x" || syncing || !u.status) return;
       syncing = true;
-      const { min, max } = u.scales.x;
+      let { min, max } = u.scales.x;
+      const xs = u.data[0];
+      if (xs && xs.length && min <= xs[0] && max >= xs[xs.length - 1]) {  // zoomed out: to every chart's range
+        const all = fullRange();
+        if (all) ({ min, max } = all);
+        if (u.scales.x.min !== min || u.scales.x.max !== max) u.setScale("x", { min, max });
+      }
       for (const p of plots) if (p.plot !== u && p.xKind === "metric") p.plot.setScale("x", { min, max });
       syncing = false;
     }] } };
@@ -119,7 +134,11 @@
         const t = table(run, s.metric);
         if (!t) return;
         points += t[1].length;
-        const color = COLORS[(multi ? r : k) % COLORS.length];
+        // one colour per run and metric; a metric's min/max take its colour
+        const mains = spec.series.filter((x) => x.role === "main").map((x) => x.metric);
+        const base = s.role === "band" ? s.metric.slice(0, -4) : s.metric;
+        const slot = Math.max(mains.indexOf(base), 0);
+        const color = COLORS[(r * mains.length + slot) % COLORS.length];
         const label = (multi ? run.name + " " : "") + s.metric;
         if (s.role === "band") {
           tables.push(t);
@@ -310,10 +329,12 @@
 
   // controls
   const smoothing = document.getElementById("smoothing"), smoothingValue = document.getElementById("smoothing-value");
+  let smoothingFrame = 0;
   smoothing.addEventListener("input", () => {
     state.smoothing = +smoothing.value;
     smoothingValue.textContent = state.smoothing.toFixed(2);
-    redrawMetrics(false);
+    cancelAnimationFrame(smoothingFrame);  // one redraw per frame however fast the slider moves
+    smoothingFrame = requestAnimationFrame(() => redrawMetrics(false));
   });
   for (const radio of document.querySelectorAll("input[name=xaxis]")) {
     radio.addEventListener("change", () => { state.x = radio.value; redrawMetrics(true); });

@@ -169,6 +169,7 @@ class Trainer(TrainerState):
             fresh = self.step != start_step or start_step == 0  # events at the resume point already ran
             if fresh and (done or self.step % tc.log_every == 0 or self.step % tc.val_every == 0):
                 last = self.report(validate=done or self.step % tc.val_every == 0)
+            other_work = time.perf_counter()  # samples, saves, the report: not training time
             if fresh and tc.sample_every and self.step % tc.sample_every == 0 and self.step > 0:
                 self.sample_grid(f"grid-{self.step:07d}.png")
             # Not while steps are non-finite: a rollback must find weights from before the streak.
@@ -183,6 +184,7 @@ class Trainer(TrainerState):
                 return self.finish_preempted(saved=self.step > start_step)
             if done:
                 break
+            self._tick = (self._tick[0] + time.perf_counter() - other_work, self._tick[1])
             self.train_step()
         self.save_final(last)
         self.finish_checkpoints()
@@ -199,13 +201,24 @@ class Trainer(TrainerState):
         self.restarts = self.rollbacks = 0
         if self.rank != 0:
             return
-        self.jsonl = metrics.JsonlSink(self.run_dir / "metrics.jsonl")
+        self.jsonl = metrics.JsonlSink(self.run_dir / "metrics.jsonl")  # a line torn by a crash is cut off
         if self.jsonl.path.exists():
-            events = [row.get("event") for row in metrics.read_jsonl(self.jsonl.path, all_rows=True)]
-            self.restarts, self.rollbacks = events.count("resume"), events.count("rollback")
+            try:
+                events = [row.get("event") for row in metrics.read_jsonl(self.jsonl.path, all_rows=True)]
+                self.restarts, self.rollbacks = events.count("resume"), events.count("rollback")
+            except metrics.MetricsError as e:  # counted from here on; training does not depend on it
+                self.print(f"warning: the totals of restarts and rollbacks start again at 0: {e}")
+        from genfoundry.report.assets import AssetError, uplot
+
+        self._live_report = bool(tc.report_every)
+        try:
+            uplot()
+        except AssetError as e:
+            self._live_report = False
+            self.print(f"note: no report.html for this run: {e}")
         if tc.tensorboard:
             try:
-                self.tensorboard = metrics.TensorBoardSink(self.run_dir)
+                self.tensorboard = metrics.TensorBoardSink(self.run_dir, purge_step=self.step + 1 if self.step else None)
             except ImportError:
                 self.print("note: the tensorboard package is not installed, so this run writes no TensorBoard "
                            "event files (pip install tensorboard; train.tensorboard=false silences this)")
@@ -221,8 +234,8 @@ class Trainer(TrainerState):
             self.rollbacks += 1
         if self.jsonl:
             self.jsonl.event(name, step, values)
-        if self.tensorboard:
-            self.tensorboard.event(name, step, {k: v for k, v in values.items() if isinstance(v, (int, float))})
+        if self.tensorboard:  # under events/: a checkpoint's stall_s is not the interval's checkpoint/stall_s
+            self.tensorboard.event(f"events/{name}", step, {k: v for k, v in values.items() if isinstance(v, (int, float))})
 
     def log_checkpoints(self, finished: bool = False) -> None:
         """A checkpoint event once a save is durable (its stall and time to durable), or, when `finished`,
@@ -237,27 +250,32 @@ class Trainer(TrainerState):
         (`genfoundry report`, which imports no torch), so reading a long metrics.jsonl never holds this
         process's interpreter lock; skipped while the previous rebuild still runs. At the end, here.
         A page that cannot be written is a warning; training goes on."""
-        if self.rank != 0:
+        if self.rank != 0 or (not final and not self._live_report):
             return
-        previous = self._report_process
-        if previous is not None and previous.poll() is None:
-            if not final:
+        if self._report_process is not None:
+            process, log = self._report_process
+            if process.poll() is None and not final:
                 return
-            previous.wait()
-        if previous is not None and previous.returncode:
-            why = previous.stderr.read().decode(errors="replace").strip().splitlines()
-            self.print(f"warning: the report of {self.run_dir} was not rebuilt: {why[-1] if why else 'failed'}")
-        if previous is not None:
-            previous.stderr.close()
+            process.wait()
+            log.seek(0)
+            why = log.read().decode(errors="replace").strip().splitlines()
+            log.close()
             self._report_process = None
+            if process.returncode:
+                self.print(f"warning: the report of {self.run_dir} was not rebuilt: {why[-1] if why else 'failed'}")
         if not final:
             import subprocess
             import sys
+            import tempfile
 
-            nice = (lambda: os.nice(10)) if hasattr(os, "nice") else None
-            self._report_process = subprocess.Popen([sys.executable, "-m", "genfoundry", "report", str(self.run_dir)],
-                                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                                    preexec_fn=nice)
+            log = tempfile.TemporaryFile()  # a file, not a pipe: a chatty child never blocks
+            process = subprocess.Popen([sys.executable, "-m", "genfoundry", "report", str(self.run_dir)],
+                                       stdout=subprocess.DEVNULL, stderr=log)
+            try:
+                os.setpriority(os.PRIO_PROCESS, process.pid, 10)  # behind training for the cores
+            except (AttributeError, OSError):
+                pass
+            self._report_process = (process, log)
             return
         from genfoundry.report import build_report
 
