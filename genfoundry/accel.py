@@ -79,9 +79,9 @@ def max_memory_allocated(device: torch.device) -> int | None:
 def memory_gb(device: torch.device) -> tuple[float, float]:
     """(allocated now, peak allocated) in GiB: the accelerator's allocator where it has one, else this
     process's resident memory (now from /proc where Linux has it, peak from getrusage)."""
-    mod = device_module(device)
-    if mod is not None and hasattr(mod, "memory_allocated") and hasattr(mod, "max_memory_allocated"):
-        return mod.memory_allocated(device) / 2**30, mod.max_memory_allocated(device) / 2**30
+    mod, peak = device_module(device), max_memory_allocated(device)
+    if peak is not None and hasattr(mod, "memory_allocated"):
+        return mod.memory_allocated(device) / 2**30, peak / 2**30
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30
