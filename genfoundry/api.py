@@ -44,8 +44,9 @@ def check_names(cfg: Config) -> None:
             raise ConfigError(f"{key} '{value}' is not one of {', '.join(sorted(registry))}{hint}")
 
 
-def train(cfg: Config, print_fn=print) -> dict:
-    """Trains or resumes the run `cfg` names; returns the last metrics row.
+def train(cfg: Config, print_fn=print, on_report=None) -> dict:
+    """Trains or resumes the run `cfg` names; returns the last metrics row. `on_report(step, values)`
+    is called after each metrics report (see `Trainer`); what it raises ends the run.
 
     Under torchrun (WORLD_SIZE > 1) it joins the process group and trains as one rank of many. When
     another rank dies it raises `PeerLostError`; any other error keeps its type and traceback.
@@ -55,7 +56,7 @@ def train(cfg: Config, print_fn=print) -> dict:
     check_names(cfg)
     joined_before = accel.distributed()
     try:
-        result = Trainer(cfg, print_fn).train()
+        result = Trainer(cfg, print_fn, on_report=on_report).train()
         parallel.mark_finished()
         return result
     except RuntimeError as e:  # told apart while the process group and its heartbeat still exist
@@ -177,7 +178,8 @@ def sample(run_dir: str | Path, out_dir: str | Path | None = None, num_images: i
     num_images = sc.per_class * k if num_images is None else num_images
     settings = dict(sampler=sampler or sc.sampler, steps=sc.steps if steps is None else steps,
                     cfg_scale=sc.cfg_scale if cfg_scale is None else cfg_scale,
-                    seed=sc.seed if seed is None else seed)
+                    seed=sc.seed if seed is None else seed,
+                    guidance_interval=(sc.guidance_min_t, sc.guidance_max_t))
     default = "sampled" if snapshot is None else f"sampled-{meta['step']:09d}"
     out = writable_directory(out_dir or Path(run_dir) / "samples" / default, RunError)
     labels = balanced_labels(num_images, len(names), chosen)
@@ -226,13 +228,15 @@ def evaluate(run_dir: str | Path, num_samples: int | None = None, reference: str
     reference_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     images = generate(model, balanced_labels(num_samples, len(meta["class_names"])), range(num_samples),
-                      sc.seed, sc.steps, sc.sampler, sc.cfg_scale, sc.batch_size, precision=sc.precision)
+                      sc.seed, sc.steps, sc.sampler, sc.cfg_scale, sc.batch_size, precision=sc.precision,
+                      guidance_interval=(sc.guidance_min_t, sc.guidance_max_t))
     sampling_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     result = score(images.numpy(), device=device, kid_subset_size=ec.kid_subset_size, reference_stats_=ref,
                    resize=resize)
     result.update(reference_s=reference_s, sampling_s=sampling_s, scoring_s=time.perf_counter() - t0,
-                  sampler=sc.sampler, sampler_steps=sc.steps, cfg_scale=sc.cfg_scale, run=str(run_dir),
+                  sampler=sc.sampler, sampler_steps=sc.steps, cfg_scale=sc.cfg_scale,
+                  guidance_interval=[sc.guidance_min_t, sc.guidance_max_t], run=str(run_dir),
                   step=meta["step"], weights=meta["weights"])
     name = f"fid-{num_samples}.json" if snapshot is None else f"fid-{num_samples}-step{meta['step']:09d}.json"
     write_atomic(out / name, json.dumps(result, indent=2).encode())

@@ -76,6 +76,15 @@ class DiffusionConfig:
     logit_mean: float = 0.0              # logit-normal location
     logit_std: float = 1.0               # logit-normal scale
     loss_weighting: str = "uniform"      # key of genfoundry.diffusion.LOSS_WEIGHTINGS
+    min_snr_gamma: float = 5.0           # min-snr weighting: the SNR at which the weight stops growing
+    sigma_data: float = 0.5              # edm weighting: the data's standard deviation
+
+    def __post_init__(self):
+        if self.logit_std <= 0:
+            raise ConfigError(f"diffusion.logit_std must be positive, got {self.logit_std}")
+        for name in ("min_snr_gamma", "sigma_data"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"diffusion.{name} must be positive, got {getattr(self, name)}")
 
 
 @dataclass
@@ -84,8 +93,16 @@ class TrainConfig:
     micro_batch_size: int = 0       # images per forward/backward on one rank; 0: the largest that fits
                                     # (searched on an accelerator; global / world on a CPU)
     steps: int = 1000               # total optimizer steps
-    lr: float = 1e-3                # peak learning rate
+    time_budget_s: float = 0.0      # also stop after this much training time (evaluation, samples and saves
+                                    # not counted); the schedule then spans the steps the budget allows; 0: none
+    lr: float = 1e-3                # peak learning rate (at lr_reference_batch when lr_scaling is not none)
+    lr_scaling: str = "none"        # none | sqrt | linear: lr x (global_batch_size / lr_reference_batch)^(1/2 or 1)
+    lr_reference_batch: int = 256   # the global batch `lr` was tuned at
     warmup_steps: int = 100         # linear warm-up from 0 to lr
+    lr_schedule: str = "constant"   # after warm-up: constant | cosine (to min_lr_ratio x lr at the end) |
+                                    # wsd (warm-up, stable, then a linear decay over the last decay_fraction)
+    decay_fraction: float = 0.2     # wsd: fraction of the run the decay takes
+    min_lr_ratio: float = 0.0       # cosine, wsd: the final learning rate as a fraction of lr
     weight_decay: float = 0.0       # AdamW decoupled weight decay
     beta1: float = 0.9              # AdamW decay rate of the gradient mean
     beta2: float = 0.99             # AdamW decay rate of the squared-gradient mean
@@ -107,7 +124,14 @@ class TrainConfig:
     def __post_init__(self):
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"train.precision must be auto, fp32, bf16 or fp16, got '{self.precision}'")
-        for name in ("global_batch_size", "steps", "log_every", "val_batch_size", "fp16_max_overflows"):
+        if self.lr_schedule not in ("constant", "cosine", "wsd"):
+            raise ConfigError(f"train.lr_schedule must be constant, cosine or wsd, got '{self.lr_schedule}'")
+        if self.lr_scaling not in ("none", "sqrt", "linear"):
+            raise ConfigError(f"train.lr_scaling must be none, sqrt or linear, got '{self.lr_scaling}'")
+        for name in ("decay_fraction", "min_lr_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"train.{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("global_batch_size", "steps", "lr_reference_batch", "log_every", "val_batch_size", "fp16_max_overflows"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be at least 1, got {getattr(self, name)}")
         if self.lr <= 0:
@@ -117,7 +141,7 @@ class TrainConfig:
         for name in ("val_every", "loss_scale_growth_interval"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "weight_decay", "grad_clip", "ema_halflife_kimg", "ema_rampup",
+        for name in ("time_budget_s", "warmup_steps", "weight_decay", "grad_clip", "ema_halflife_kimg", "ema_rampup",
                      "sample_every", "report_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be 0 or more, got {getattr(self, name)}")
@@ -197,6 +221,8 @@ class SampleConfig:
     sampler: str = "heun"        # euler | heun
     steps: int = 16              # ODE steps (heun uses 2 network evaluations per step but the last)
     cfg_scale: float = 1.5       # classifier-free guidance weight; 1 disables guidance
+    guidance_min_t: float = 0.0  # guidance only at times t in [guidance_min_t, guidance_max_t] (t = 1 is noise);
+    guidance_max_t: float = 1.0  # elsewhere the conditional velocity alone (a guidance interval)
     per_class: int = 8           # images per class in a grid
     batch_size: int = 256        # images per network call
     seed: int = 0                # base seed; image i uses noise from (seed, i)
@@ -207,6 +233,9 @@ class SampleConfig:
             raise ConfigError(f"sample.precision must be fp32, bf16 or fp16, got '{self.precision}'")
         if self.sampler not in ("euler", "heun"):
             raise ConfigError(f"sample.sampler must be euler or heun, got '{self.sampler}'")
+        if not 0.0 <= self.guidance_min_t <= self.guidance_max_t <= 1.0:
+            raise ConfigError(f"sample.guidance_min_t and guidance_max_t must satisfy 0 <= min <= max <= 1, got "
+                              f"{self.guidance_min_t} and {self.guidance_max_t}")
         for name in ("steps", "per_class", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"sample.{name} must be at least 1, got {getattr(self, name)}")
@@ -250,7 +279,8 @@ class Config:
 
 # Sections whose values change what is trained; a resumed run must match on these.
 TRAINING_SECTIONS = ("data", "model", "diffusion")
-TRAINING_KEYS = ("global_batch_size", "lr", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip",
+TRAINING_KEYS = ("global_batch_size", "lr", "lr_scaling", "lr_reference_batch", "warmup_steps", "lr_schedule",
+                 "decay_fraction", "min_lr_ratio", "weight_decay", "beta1", "beta2", "grad_clip",
                  "ema_halflife_kimg", "ema_rampup", "precision")
 # Keys of those sections that do not: the images and their order do not depend on the worker count.
 NON_TRAINING_KEYS = {"data": ("workers",)}

@@ -11,6 +11,7 @@ from genfoundry.data.order import GlobalBatches, chunk_index
 from genfoundry.sources import ImageSet, SourceError
 
 FORMAT_VERSION = 3  # 3: the order comes from seeding.mix
+ON_DEVICE_BYTES = 2 * 2**30  # in-memory datasets up to this size are held on the accelerator
 
 
 def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
@@ -38,8 +39,12 @@ class InMemoryLoader:
         self.micro_batch_size = GlobalBatches([len(images)], global_batch_size, seed).local_batch_size(
             world_size, accumulation)
         self.device = torch.device(device or "cpu")
+        if self.device.type != "cpu" and self.images.numel() <= ON_DEVICE_BYTES:
+            # Held on the accelerator: a batch is one gather there, with no copy from pageable host
+            # memory (which would make every step wait for the device).
+            self.images, self.labels = self.images.to(self.device), self.labels.to(self.device)
         self.epoch, self.batch, self.micro = 0, 0, 0
-        self._order = epoch_permutation(len(self.images), seed, 0)
+        self._order = self._permutation(0)
 
     @property
     def batches_per_epoch(self) -> int:
@@ -58,12 +63,15 @@ class InMemoryLoader:
             raise ValueError("data state was saved in the middle of a global batch with another accumulation; "
                              "resume it with the same number of ranks and micro-batches")
         self.epoch, self.batch, self.micro = state["epoch"], state["batch"], state["micro"]
-        self._order = epoch_permutation(len(self.images), self.seed, self.epoch)
+        self._order = self._permutation(self.epoch)
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        return epoch_permutation(len(self.images), self.seed, epoch).to(self.images.device)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.batch >= self.batches_per_epoch:
             self.epoch, self.batch = self.epoch + 1, 0
-            self._order = epoch_permutation(len(self.images), self.seed, self.epoch)
+            self._order = self._permutation(self.epoch)
         m = self.micro_batch_size
         offset = chunk_index(self.rank, self.world_size, self.micro) * m
         start = self.batch * self.global_batch_size + offset

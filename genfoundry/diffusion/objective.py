@@ -25,19 +25,38 @@ def uniform(u: torch.Tensor, mean: float = 0.0, std: float = 1.0) -> torch.Tenso
 # name -> t from a uniform u in (0, 1) (an inverse CDF), so that any source of uniforms can drive it
 TIME_SAMPLERS = {"logit-normal": logit_normal, "uniform": uniform}
 
-# t -> per-sample loss weight
-LOSS_WEIGHTINGS = {
-    "uniform": lambda t: torch.ones_like(t),
-    # Down-weights the nearly pure-noise end, where the velocity target is mostly unpredictable.
-    "cosmap": lambda t: 2.0 / (torch.pi * (1 - 2 * t + 2 * t * t)),
-}
+def _uniform_weight(t, gamma, sigma_data):
+    return torch.ones_like(t)
+
+
+def _cosmap(t, gamma, sigma_data):
+    """Down-weights the nearly pure-noise end, where the velocity target is mostly unpredictable."""
+    return 2.0 / (torch.pi * (1 - 2 * t + 2 * t * t))
+
+
+def _min_snr(t, gamma, sigma_data):
+    """Min-SNR-gamma (Hang et al. 2023) on the flow's SNR ((1 - t) / t)^2: the denoised image's error
+    weighted by min(SNR, gamma). That error is t times the velocity's, so on the velocity loss the
+    weight is t^2 min(SNR, gamma) = min((1 - t)^2, gamma t^2)."""
+    return torch.minimum((1 - t) ** 2, gamma * t * t)
+
+
+def _edm(t, gamma, sigma_data):
+    """EDM's lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 on the denoised image (Karras
+    et al. 2022), with sigma = t / (1 - t); on the velocity loss: (1 - t)^2 + t^2 / sigma_data^2."""
+    return (1 - t) ** 2 + (t / sigma_data) ** 2
+
+
+# name -> per-sample loss weight from (t, min_snr_gamma, sigma_data)
+LOSS_WEIGHTINGS = {"uniform": _uniform_weight, "cosmap": _cosmap, "min-snr": _min_snr, "edm": _edm}
 
 
 class FlowMatching:
     """The training objective; draws all its randomness from the generator it is given."""
 
     def __init__(self, time_sampling: str = "logit-normal", loss_weighting: str = "uniform",
-                 logit_mean: float = 0.0, logit_std: float = 1.0, class_dropout: float = 0.1):
+                 logit_mean: float = 0.0, logit_std: float = 1.0, class_dropout: float = 0.1,
+                 min_snr_gamma: float = 5.0, sigma_data: float = 0.5):
         if time_sampling not in TIME_SAMPLERS:
             raise ConfigError(f"unknown diffusion.time_sampling '{time_sampling}'; choose from {sorted(TIME_SAMPLERS)}")
         if loss_weighting not in LOSS_WEIGHTINGS:
@@ -47,6 +66,7 @@ class FlowMatching:
         self.weight = LOSS_WEIGHTINGS[loss_weighting]
         self.logit_mean, self.logit_std = logit_mean, logit_std
         self.class_dropout = class_dropout
+        self.min_snr_gamma, self.sigma_data = min_snr_gamma, sigma_data
 
     def draw(self, x0: torch.Tensor, generator: torch.Generator):
         """(t, eps, drop) for a batch from a generator: the randomness of one training step."""
@@ -74,4 +94,4 @@ class FlowMatching:
         xt = (1 - tb) * x0 + tb * eps
         pred = model(xt, t, y, drop)
         per_sample = F.mse_loss(pred.float(), (eps - x0).float(), reduction="none").flatten(1).mean(1)
-        return (self.weight(t) * per_sample).mean()
+        return (self.weight(t.float(), self.min_snr_gamma, self.sigma_data) * per_sample).mean()

@@ -22,10 +22,11 @@ def image_noise(indices, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return out
 
 
-def guided_velocity(model, x, t, y, cfg_scale: float, null_class: int):
-    """v_uncond + w (v_cond - v_uncond) (Ho & Salimans 2022), both halves in one batch."""
+def guided_velocity(model, x, t, y, cfg_scale: float, null_class: int, interval=(0.0, 1.0)):
+    """v_uncond + w (v_cond - v_uncond) (Ho & Salimans 2022), both halves in one batch; outside the
+    guidance interval of times (Kynkaanniemi et al. 2024) the conditional velocity alone."""
     tt = torch.full((x.shape[0],), float(t), device=x.device)
-    if cfg_scale == 1.0:
+    if cfg_scale == 1.0 or not interval[0] <= t <= interval[1]:
         return model(x, tt, y)
     both = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, torch.full_like(y, null_class)]))
     cond, uncond = both.chunk(2)
@@ -34,8 +35,9 @@ def guided_velocity(model, x, t, y, cfg_scale: float, null_class: int):
 
 @torch.no_grad()
 def solve(model, noise: torch.Tensor, labels: torch.Tensor, steps: int = 16, sampler: str = "heun",
-          cfg_scale: float = 1.0, null_class: int | None = None) -> torch.Tensor:
-    """Integrates dx/dt = v from t = 1 (noise) to t = 0 (data) on a uniform grid."""
+          cfg_scale: float = 1.0, null_class: int | None = None, guidance_interval=(0.0, 1.0)) -> torch.Tensor:
+    """Integrates dx/dt = v from t = 1 (noise) to t = 0 (data) on a uniform grid; guidance applies at
+    the times inside `guidance_interval` (t = 1 is noise)."""
     if sampler not in ("euler", "heun"):
         raise ValueError(f"unknown sampler '{sampler}'; use 'euler' or 'heun'")
     null_class = model.arch.num_classes if null_class is None else null_class
@@ -43,10 +45,10 @@ def solve(model, noise: torch.Tensor, labels: torch.Tensor, steps: int = 16, sam
     x = noise
     for i in range(steps):
         t, t_next = ts[i], ts[i + 1]
-        v = guided_velocity(model, x, t, labels, cfg_scale, null_class)
+        v = guided_velocity(model, x, t, labels, cfg_scale, null_class, guidance_interval)
         x_euler = x + (t_next - t) * v
         if sampler == "heun" and t_next > 0:
-            v_next = guided_velocity(model, x_euler, t_next, labels, cfg_scale, null_class)
+            v_next = guided_velocity(model, x_euler, t_next, labels, cfg_scale, null_class, guidance_interval)
             x = x + (t_next - t) * 0.5 * (v + v_next)
         else:
             x = x_euler
@@ -60,7 +62,7 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 def generate(model, labels: torch.Tensor, indices, seed: int = 0, steps: int = 16, sampler: str = "heun",
              cfg_scale: float = 1.0, batch_size: int = 256, device=None, precision: str = "fp32",
-             progress: bool = True) -> torch.Tensor:
+             progress: bool = True, guidance_interval=(0.0, 1.0)) -> torch.Tensor:
     """uint8 NHWC images for the given labels; image k uses noise seed (seed, indices[k]).
 
     `precision` applies to the network only; the ODE state stays in float32. `progress`: a bar over the
@@ -76,7 +78,8 @@ def generate(model, labels: torch.Tensor, indices, seed: int = 0, steps: int = 1
             noise = image_noise(idx, shape, seed).to(device)
             y = labels[start:start + batch_size].to(device)
             with accel.autocast(device, precision):
-                out.append(to_uint8(solve(model, noise, y, steps, sampler, cfg_scale)))
+                out.append(to_uint8(solve(model, noise, y, steps, sampler, cfg_scale,
+                                        guidance_interval=guidance_interval)))
             shown.update(len(idx))
     return torch.cat(out) if out else torch.empty((0, *shape[1:], shape[0]), dtype=torch.uint8)
 

@@ -21,7 +21,7 @@ from genfoundry.checkpoint.manager import CheckpointManager
 from genfoundry.config import Config
 from genfoundry.errors import GenfoundryError
 from genfoundry.sources import SourceError
-from genfoundry.data.build import training_data
+from genfoundry.data.build import TrainingData, training_data
 from genfoundry.data.order import chunk_index
 from genfoundry.diffusion import FlowMatching, generate, grid, save_png
 from genfoundry.distributed import parallel
@@ -29,6 +29,7 @@ from genfoundry.distributed.state import HookState, ParallelState
 from genfoundry.models import build_model
 from genfoundry.trainer.precision import DynamicLossScaler
 from genfoundry.trainer.preemption import Preemption
+from genfoundry.trainer import schedule
 from genfoundry.trainer.records import TrainerRecords
 from genfoundry.trainer.state import TrainerState
 
@@ -50,9 +51,12 @@ class Trainer(TrainerState, TrainerRecords):
     """Builds everything a run needs from a Config; `train()` runs (or resumes) it to the end.
 
     To change one part, subclass and override a named method (`train_step`, `validate`, ...).
+    `data` replaces what `cfg.data` names (a benchmark's synthetic images, say). `on_report(step, values)`
+    runs on every rank after each report with what was logged; an exception it raises ends the run
+    (a hyper-parameter search stops hopeless trials this way).
     """
 
-    def __init__(self, cfg: Config, print_fn=print):
+    def __init__(self, cfg: Config, print_fn=print, data: TrainingData | None = None, on_report=None):
         self.cfg = cfg
         self.run_dir = run_dir_of(cfg)
         self.device = accel.get_device(cfg.run.device)
@@ -64,9 +68,11 @@ class Trainer(TrainerState, TrainerRecords):
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
         tc = cfg.train
 
+        self.on_report = on_report
         error = None
         try:
-            self.data = training_data(cfg.data, tc.global_batch_size, tc.val_batch_size, cfg.run.seed, self.device)
+            self.data = data or training_data(cfg.data, tc.global_batch_size, tc.val_batch_size, cfg.run.seed,
+                                              self.device)
         except GenfoundryError as e:  # a node-local copy may be broken on some ranks only
             error = e
         parallel.raise_together(error, lambda n: SourceError(
@@ -75,7 +81,8 @@ class Trainer(TrainerState, TrainerRecords):
                             self.data.num_classes).to(self.device)
         self.ema = copy.deepcopy(model).eval().requires_grad_(False)
         self.objective = FlowMatching(cfg.diffusion.time_sampling, cfg.diffusion.loss_weighting,
-                                      cfg.diffusion.logit_mean, cfg.diffusion.logit_std, cfg.model.class_dropout)
+                                      cfg.diffusion.logit_mean, cfg.diffusion.logit_std, cfg.model.class_dropout,
+                                      cfg.diffusion.min_snr_gamma, cfg.diffusion.sigma_data)
         self.precision = accel.resolve_precision(tc.precision, self.device)  # a resume takes the checkpoint's
         self.model = parallel.parallelize(model, cfg.parallel, self.device)
         self.micro_batch = self.plan_micro_batch()
@@ -83,9 +90,15 @@ class Trainer(TrainerState, TrainerRecords):
         self.loader = self.data.make_loader(self.rank, self.world, self.accumulation)
         if hasattr(self.loader, "failure_log"):  # samples that fail to decode, named in the run's records
             self.loader.failure_log = self.run_dir / "data-failures.jsonl"
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2),
-                                           weight_decay=tc.weight_decay)
         self.scaler = DynamicLossScaler(tc.loss_scale_init, tc.loss_scale_growth_interval) if self.precision == "fp16" else None
+        # On an accelerator the fused AdamW kernel skips a non-finite step on the device itself, so no step
+        # waits for the host to read the gradient norm: the host learns of skipped steps at the next report.
+        self.device_skips = (self.device.type in ("cuda", "xpu") and self.scaler is None
+                             and cfg.parallel.comm_hook == "none")
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2),
+                                           weight_decay=tc.weight_decay,
+                                           **({"fused": True} if self.device_skips else {}))
+        self.unread_steps: list[torch.Tensor] = []  # device flags (finite?) of steps the host has not read
         self.overflow_streak = self.nonfinite_streak = 0
         self.parallel = ParallelState(self.model, self.optimizer, self.ema)
         self.hook = HookState(getattr(self.model, "comm_state", None), cfg.parallel.comm_hook, self.world, self.print,
@@ -97,6 +110,9 @@ class Trainer(TrainerState, TrainerRecords):
                                              asynchronous=ck.asynchronous)
         self.preemption = Preemption(ck.grace_s)
         self.step, self.images_seen = 0, 0
+        self.total_steps = tc.steps  # fewer where train.time_budget_s ends the run first
+        self.train_time_s = 0.0  # training time so far: no validation, samples, saves or reports
+        self._draw = torch.compile(self.objective.draw_keyed) if cfg.parallel.compile else self.objective.draw_keyed
         self.flops_per_image = 3 * model.flops_per_forward()
         peak = accel.peak_flops(self.device, self.precision)
         self.peak_flops = peak * self.world if peak else None
@@ -162,9 +178,10 @@ class Trainer(TrainerState, TrainerRecords):
             self.log_event("resume", start_step, {"images_seen": self.images_seen, "world_size": self.world,
                                                   "precision": self.precision})  # later rows supersede
         self._tick = (time.perf_counter(), self.step)
+        self._first_interval = True  # its time holds start-up work (compilation): no budget estimate from it
         last = {}
         while True:
-            done = self.step >= tc.steps
+            done = self.step >= self.total_steps
             stop = not done and self.preemption.agreed()
             fresh = self.step != start_step or start_step == 0  # events at the resume point already ran
             if fresh and (done or self.step % tc.log_every == 0 or self.step % tc.val_every == 0):
@@ -172,6 +189,8 @@ class Trainer(TrainerState, TrainerRecords):
             other_work = time.perf_counter()  # samples, saves, the report: not training time
             if fresh and tc.sample_every and self.step % tc.sample_every == 0 and self.step > 0:
                 self.sample_grid(f"grid-{self.step:07d}.png")
+            if ck.full_every and self.step % ck.full_every == 0:
+                self.read_step_flags()
             # Not while steps are non-finite: a rollback must find weights from before the streak.
             periodic = ck.full_every and self.step % ck.full_every == 0 and not self.nonfinite_streak
             if self.step > start_step and (stop or (ck.full_every and done) or periodic):
@@ -249,17 +268,26 @@ class Trainer(TrainerState, TrainerRecords):
             grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
             # The same on every rank: the norm is of the reduced gradients.
-            finite = self.scaler is not None or bool(torch.isfinite(grad_norm))
-        self.hook.finish_step(applied=finite)
+            ok = torch.isfinite(grad_norm)
+            if self.device_skips:  # the host does not wait: the fused step skips itself where not ok
+                self.optimizer.found_inf = (~ok).float()
+                self.unread_steps.append(ok)
+                finite = None  # not known on the host until read_step_flags
+            elif not self.scaler:
+                finite = bool(ok)
+        self.hook.finish_step(applied=finite is not False)
         self.checkpoints.before_update()  # a checkpoint's copy of the weights is complete
-        if finite:
+        if finite is not False:
             for group in self.optimizer.param_groups:
                 group["lr"] = self.learning_rate(self.step)
             self.optimizer.step()
-            self.update_ema()
-            metrics.report("grad_norm", grad_norm)
-        elif not self.scaler:
-            self.skip_nonfinite_step()
+            self.update_ema()  # after a skipped step the weights it follows are unchanged
+            metrics.report("grad_norm", grad_norm if finite else torch.where(ok, grad_norm, 0.0))
+            metrics.report("nonfinite_steps", 0.0 if finite else (~ok).float())
+        else:
+            metrics.report("nonfinite_steps", 0.0 if self.scaler else 1.0)  # fp16: an overflow, not counted here
+            if not self.scaler:
+                self.skip_nonfinite_step()
         if self.scaler:
             self.scaler.update(finite)
             metrics.report("loss_scale", self.scaler.scale)
@@ -267,12 +295,24 @@ class Trainer(TrainerState, TrainerRecords):
             self.overflow_streak = 0 if finite else self.overflow_streak + 1
             if self.overflow_streak >= tc.fp16_max_overflows:
                 self.fall_back_to_fp32()
-        metrics.report("nonfinite_steps", 0.0 if finite or self.scaler else 1.0)
-        self.nonfinite_streak = 0 if finite else self.nonfinite_streak + 1
+        if finite is not None:
+            self.nonfinite_streak = 0 if finite else self.nonfinite_streak + 1
         # Host time waiting for batches over the step's time; per rank, so a slow loader shows in .max.
         metrics.report("data/wait_fraction", waited / max(time.perf_counter() - started, 1e-9), spread=True)
         self.step += 1
         self.images_seen += tc.global_batch_size
+
+    def read_step_flags(self) -> None:
+        """Reads the device's finite flags of the steps since the last read (one wait for the device):
+        counts the non-finite ones, skipped on the device, and rolls back after too many in a row."""
+        if not self.unread_steps:
+            return
+        flags = torch.stack(self.unread_steps).tolist()
+        self.unread_steps = []
+        for ok in flags:
+            if not ok:
+                self.skip_nonfinite_step()
+            self.nonfinite_streak = 0 if ok else self.nonfinite_streak + 1
 
     def unscale_and_check(self, params) -> bool:
         """fp16: unscales the gradients; True if all are finite on every rank (shards differ under FSDP2)."""
@@ -305,8 +345,25 @@ class Trainer(TrainerState, TrainerRecords):
         self.precision, self.scaler, self.overflow_streak = "fp32", None, 0
 
     def learning_rate(self, step: int) -> float:
+        """The peak (`train.lr`, scaled to the batch) times the schedule's factor at `step` of
+        `total_steps` (trainer/schedule.py)."""
         tc = self.cfg.train
-        return tc.lr * min(1.0, (step + 1) / tc.warmup_steps) if tc.warmup_steps else tc.lr
+        return schedule.peak_lr(tc) * schedule.lr_factor(tc.lr_schedule, step, self.total_steps, tc.warmup_steps,
+                                                         tc.decay_fraction, tc.min_lr_ratio)
+
+    def plan_budget(self, interval_steps: int, interval_s: float) -> None:
+        """With `train.time_budget_s`: the steps the rest of the budget allows, agreed by every rank
+        (the slowest rank's clock), so that all stop at one step with one learning-rate schedule."""
+        tc = self.cfg.train
+        if not tc.time_budget_s:
+            return
+        used = self.train_time_s
+        if self.distributed:
+            used = float(accel.all_reduce(torch.tensor([used], dtype=torch.float64), "max").item())
+        if self._first_interval:  # no rate from an interval that held compilation; stop only on the clock
+            interval_steps = 0
+        self.total_steps = schedule.budgeted_total(self.step, tc.steps, used, tc.time_budget_s, interval_steps,
+                                                   interval_s)
 
     def ema_halflife(self) -> float:
         """The EMA half-life in images now: `ema_halflife_kimg`, at most `ema_rampup` x images seen."""
@@ -342,8 +399,9 @@ class Trainer(TrainerState, TrainerRecords):
         return out
 
     def report(self, validate: bool) -> dict:
-        now = time.perf_counter()
         accel.synchronize(self.device)
+        now = time.perf_counter()
+        self.read_step_flags()
         allocated, peak = accel.memory_gb(self.device)
         metrics.report("memory_allocated_gb", allocated, spread=True)  # per rank: FSDP2 shards differ
         metrics.report("peak_memory_gb", peak, spread=True)
@@ -352,14 +410,18 @@ class Trainer(TrainerState, TrainerRecords):
             values["comm/compression_ratio"] = values["comm/dense_bytes_per_step"] / values["comm/bytes_per_step"]
         elapsed, steps = now - self._tick[0], self.step - self._tick[1]
         self._tick = (now, self.step)
+        self.train_time_s += elapsed
+        self.plan_budget(steps, elapsed)
         if steps:
+            self._first_interval = False
             ips = steps * self.cfg.train.global_batch_size / elapsed
             values["images_per_s"] = ips
-            values["eta_s"] = (self.cfg.train.steps - self.step) * self.cfg.train.global_batch_size / ips
+            values["eta_s"] = (self.total_steps - self.step) * self.cfg.train.global_batch_size / ips
             if self.peak_flops:
                 values["mfu"] = ips * self.flops_per_image / self.peak_flops
         values["lr"] = self.learning_rate(self.step)
         values["images_seen"] = self.images_seen
+        values["train_time_s"], values["total_steps"] = self.train_time_s, self.total_steps
         values["restarts"], values["rollbacks"] = self.restarts, self.rollbacks
         if validate:
             values.update(self.validate())
@@ -369,6 +431,8 @@ class Trainer(TrainerState, TrainerRecords):
         if self.tensorboard:
             self.tensorboard.write(self.step, values)
         self.console.write(self.step, values)
+        if self.on_report:
+            self.on_report(self.step, values)
         self._tick = (time.perf_counter(), self.step)  # validation time is not training time
         return values
 
@@ -380,7 +444,8 @@ class Trainer(TrainerState, TrainerRecords):
         sc, k = self.cfg.sample, self.data.num_classes
         labels = torch.arange(k).repeat_interleave(sc.per_class)
         images = generate(self.ema, labels, range(len(labels)), sc.seed, sc.steps, sc.sampler, sc.cfg_scale,
-                          sc.batch_size, self.device, sc.precision, progress=False)
+                          sc.batch_size, self.device, sc.precision, progress=False,
+                          guidance_interval=(sc.guidance_min_t, sc.guidance_max_t))
         path = self.run_dir / "samples" / name
         image = grid(images, rows=k)
         save_png(image, path)

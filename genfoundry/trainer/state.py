@@ -30,6 +30,8 @@ class TrainerState:
         state = {
             "step": self.step,
             "images_seen": self.images_seen,
+            "train_time_s": self.train_time_s,
+            "total_steps": self.total_steps,
             "precision": self.precision,
             "scaler": self.scaler.state_dict() if self.scaler else {},
             "overflow_streak": self.overflow_streak,
@@ -48,6 +50,9 @@ class TrainerState:
                               f"(another run, or an earlier genfoundry whose config had other keys); choose "
                               f"another --run.name to start a new run")
         self.step, self.images_seen = state["step"], state["images_seen"]
+        self.train_time_s = state.get("train_time_s", 0.0)
+        if self.cfg.train.time_budget_s:  # the budget's plan so far; without one, train.steps as configured
+            self.total_steps = min(state.get("total_steps", self.cfg.train.steps), self.cfg.train.steps)
         if not state["sharded"]:
             self.parallel.load_full_state_dict(state)
         self.precision = state["precision"]
@@ -131,10 +136,12 @@ class TrainerState:
         the data position and the random state, so the run goes on with the next data. False: none."""
         self.checkpoints.wait(uploads=False)  # the newest local one is whole; a slow remote is not waited for
         step, images, data, rng = self.step, self.images_seen, self.loader.state_dict(), accel.rng_states(self.device)
+        clock = self.train_time_s, self.total_steps
         if not self.load_agreed_checkpoint():
             return False
         back = self.step
         self.step, self.images_seen = step, images
+        self.train_time_s, self.total_steps = clock
         self.loader.load_state_dict(data)
         accel.set_rng_states(self.device, rng)
         return back
