@@ -1,12 +1,12 @@
 """genfoundry: curated images to a trained, sampled and scored image generator, on any accelerator.
 
 Each CLI command is a function here with the same name: `curate`, `train`, `sample`, `evaluate` (CLI
-`eval`), `build_report` (CLI `report`), `demo`. Rooms of the flow live in subpackages: sources,
+`eval`), `build_report` (CLI `report`), `tune`, `demo`. Rooms of the flow live in subpackages: sources,
 curation, shards, data, models, diffusion, trainer, eval, report.
 """
 
 __version__ = "0.1.0"
-__all__ = ["build_report", "curate", "demo", "evaluate", "sample", "train", "__version__"]
+__all__ = ["build_report", "curate", "demo", "evaluate", "sample", "train", "tune", "__version__"]
 
 
 def __getattr__(name: str):
@@ -15,6 +15,10 @@ def __getattr__(name: str):
         from genfoundry.curation import curate
 
         return curate
+    if name == "tune":  # the submodule genfoundry.tune, which runs tune() when called
+        import genfoundry.tune
+
+        return genfoundry.tune
     if name in ("build_report", "demo", "evaluate", "sample", "train"):
         from genfoundry import api
 

@@ -45,6 +45,21 @@ def _curate_epilog() -> str:
             f"{config_lib.keys_help(width, CurateConfig)}")
 
 
+def _tune_epilog() -> str:
+    """The search-space syntax, then the config keys that can be searched or fixed."""
+    width = max(80, min(120, shutil.get_terminal_size().columns)) - 2
+    spec = ("search space, one --search KEY=SPEC per key (or a --space file's [search] table):\n"
+            "  log:LO:HI            log-uniform in [LO, HI], LO > 0 (integers where the key is one)\n"
+            "  LO:HI[:STEP]         uniform in [LO, HI] (integers where the key is one)\n"
+            "  float:LO:HI[:STEP]   the same, said outright\n"
+            "  int:LO:HI[:STEP]     integers in [LO, HI]\n"
+            "  choice:A,B,...       one of the values (text, numbers, true,false)\n")
+    fixed = ("Further --section.key=value arguments fix a key for every trial (e.g. --train.steps=300 "
+             "--train.val_every=50 for short trials). Unknown keys and values the config rejects (a range's "
+             "ends, every choice) are one error before any trial runs.")
+    return f"{spec}\n{textwrap.fill(fixed, width)}\n\n{_config_epilog()}"
+
+
 def _config_args(p: argparse.ArgumentParser, default_recipe: str | None) -> None:
     p.add_argument("--config", default=default_recipe, metavar="RECIPE",
                    help=f"a recipe name shipped with genfoundry or a .toml path (default: {default_recipe or 'none'})")
@@ -180,6 +195,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE", help="where to write the page (default: RUN_DIR/report.html for one "
                                                  "run, else ./report.html)")
 
+    p = sub.add_parser("tune", help="hyper-parameter search over any config keys (Optuna): short trials, pruning, "
+                                    "a study that resumes and can be shared by several processes",
+                       description="Trains up to --trials short runs of the recipe, each with values of the searched "
+                                   "keys that Optuna's TPE sampler picks, as RUN_ROOT/STUDY/trial-NNNN, and scores "
+                                   "each by its final validation loss (or FID). At every validation a trial that "
+                                   "falls behind the others is stopped early (pruned). The study lives in a database "
+                                   "(default SQLite at RUN_ROOT/STUDY/study.db): running the same command again "
+                                   "runs only the trials still missing, and processes or machines given the same "
+                                   "--storage share the study. A trial whose process died is taken over once its "
+                                   "heartbeat is 2 x --heartbeat-s old and resumes from its run directory's newest "
+                                   "checkpoint. After every trial RUN_ROOT/STUDY/ holds trials.json, best.toml (the "
+                                   "best trial's config as a recipe) and report.html.",
+                       epilog=_tune_epilog(), formatter_class=_KeysTableFormatter)
+    p.add_argument("--study", default="tune", metavar="NAME",
+                   help="the study's name and directory under run.root (default: tune)")
+    p.add_argument("--trials", type=int, default=20, metavar="N",
+                   help="complete or pruned trials the study needs, counted over every process sharing it "
+                        "(default: 20)")
+    p.add_argument("--search", action="append", metavar="KEY=SPEC",
+                   help="a key to search, repeatable: train.lr=log:1e-4:3e-3, train.warmup_steps=int:0:500, "
+                        "train.ema_halflife_kimg=0.5:20, diffusion.time_sampling=choice:uniform,logit-normal")
+    p.add_argument("--space", metavar="FILE.toml",
+                   help="a TOML file with a [search] table of KEY = SPEC (and optional [[enqueue]] trials); "
+                        "--search wins for a key in both")
+    p.add_argument("--config", default="demo", metavar="RECIPE",
+                   help="the base recipe: a name shipped with genfoundry or a .toml path (default: demo)")
+    p.add_argument("--metric", choices=["val_loss", "val_loss_ema", "fid"], default="val_loss",
+                   help="what a trial is scored by, lower being better: val_loss, the lower of the raw and EMA "
+                        "weights' final validation losses; val_loss_ema, the EMA's; fid, the FID of the finished "
+                        "trial (default: val_loss)")
+    p.add_argument("--fid-samples", type=int, metavar="N",
+                   help="--metric fid: samples to score (default: the recipe's eval.num_samples)")
+    p.add_argument("--pruner", choices=["median", "hyperband", "none"], default="median",
+                   help="how hopeless trials are stopped at a validation: median (worse than the median of the "
+                        "finished trials at that step), hyperband (successive halving), none (default: median)")
+    p.add_argument("--prune-startup-trials", type=int, default=5, metavar="K",
+                   help="median: trials that finish before any is pruned (default: 5)")
+    p.add_argument("--prune-warmup-steps", type=int, default=0, metavar="S",
+                   help="no trial is pruned before step S (default: 0, any validation after step 0)")
+    p.add_argument("--storage", metavar="URL",
+                   help="an Optuna storage URL, e.g. sqlite:///path/study.db or postgresql://host/db (default: "
+                        "sqlite at RUN_ROOT/STUDY/study.db)")
+    p.add_argument("--heartbeat-s", type=int, default=30, metavar="S",
+                   help="seconds between a running trial's heartbeats; one silent for 2 x S is taken as dead, "
+                        "failed, and run again from its checkpoint (default: 30)")
+    p.add_argument("--enqueue", action="append", metavar="KEY=VALUE[,KEY=VALUE...]",
+                   help="a trial to run before any sampled one (e.g. the recipe's own values), repeatable; keys "
+                        "left out are sampled; a trial already in the study is not queued again")
+    p.add_argument("--sampler-seed", type=int, metavar="SEED",
+                   help="seed of the TPE sampler (default: none; give each process of a shared study its own)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the search space and overrides, print the base config and the space, and exit")
+
     p = sub.add_parser("chaos", help="kill ranks of a small multi-process run with kill -9 and check that the "
                                      "restarted run ends bit-exact",
                        description="Runs N trials of a small run of RECIPE on R ranks (CPU, gloo) under torchrun. "
@@ -205,16 +273,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks that print figures and write JSON")
     bench = p.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
-    b = bench.add_parser("train", help="training images/s and MFU of DiT presets on random latents, against a "
-                                       "plain eager PyTorch loop (under torchrun: on every rank, with DDP)")
+    b = bench.add_parser("train", help="images/s and MFU of the trainer's own step on random latents, against a "
+                                       "plain PyTorch loop doing the same work (under torchrun: every rank, DDP)")
     b.add_argument("--preset", action="append", help="model preset, repeatable (default: DiT-B/2)")
-    b.add_argument("--batch-size", type=int, default=256, help="images per step per rank (default: 256)")
+    b.add_argument("--batch-size", type=int, action="append",
+                   help="images per step per rank, repeatable (default: 256)")
     b.add_argument("--precision", choices=["fp32", "bf16", "fp16"], action="append",
                    help="repeatable (default: bf16)")
-    b.add_argument("--compile", choices=["blocks", "model", "none"], default="blocks",
-                   help="torch.compile each block (as parallel.compile does), the whole model, or nothing "
-                        "(default: blocks)")
-    b.add_argument("--no-baseline", action="store_true", help="skip the plain eager PyTorch loop")
+    b.add_argument("--compile", choices=["blocks", "loss", "none"], action="append",
+                   help="repeatable: parallel.compile with compile_scope blocks or loss, or eager; the plain "
+                        "loop compiles its whole model for either (default: blocks)")
+    b.add_argument("--cuda-graphs", action="store_true",
+                   help="compiled runs also replay as CUDA graphs (parallel.cuda_graphs; needs --compile loss "
+                        "for the trainer)")
+    b.add_argument("--image-size", type=int, default=32, help="input side (default: 32)")
+    b.add_argument("--channels", type=int, default=4, help="input channels (default: 4, a latent's)")
+    b.add_argument("--classes", type=int, default=1000, help="classes (default: 1000)")
+    b.add_argument("--no-baseline", action="store_true", help="skip the plain PyTorch loop")
     b.add_argument("--profile", action="store_true", help="also print device time per kind of kernel (CUDA)")
     b.add_argument("--steps", type=int, default=30, help="timed steps after warm-up (default: 30)")
     b.add_argument("--out", help="write the results as JSON here")
@@ -253,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_parser("curate", add_help=False,
                      help="curation: stage-1 images/s per core, stages 2-3 images/s on the accelerator, and the "
                           "quality stage on MNIST with injected corruptions (its own options: --help)")
+    bench.add_parser("convergence", add_help=False,
+                     help="time to FID: a genfoundry recipe and diffusers' DDPM recipe trained for a wall-clock "
+                          "budget on Fashion-MNIST, FID at marks (`genfoundry bench convergence --help`)")
     bench.add_parser("report", add_help=False,
                      help="time to build report.html and to draw it in headless Chromium for 1k-100k logged steps, "
                           "and its size, against TensorBoard loading the same run (its own options: --help)")
@@ -335,6 +413,13 @@ def main(argv: list[str] | None = None) -> int:
             config_lib.parse_overrides(rest)  # one clear error for a malformed override
             run_compression(args.nproc, args.config, rest, args.out, args.method or METHODS, args.workdir)
             return 0
+        if args.command == "tune":
+            from genfoundry.tune import tune
+
+            tune(args.study, args.trials, args.search, args.space, args.config, config_lib.parse_overrides(rest),
+                 args.metric, args.pruner, args.storage, args.fid_samples, args.heartbeat_s, args.enqueue,
+                 args.sampler_seed, args.prune_startup_trials, args.prune_warmup_steps, args.dry_run)
+            return 0
         if args.command == "chaos":
             from genfoundry import chaos
 
@@ -352,6 +437,11 @@ def main(argv: list[str] | None = None) -> int:
             from genfoundry.bench.curate import main as bench_curate
 
             bench_curate(rest)  # its own options, parsed there
+            return 0
+        if args.command == "bench" and args.bench == "convergence":
+            from genfoundry.bench.convergence import main as bench_convergence
+
+            bench_convergence(rest)  # its own options, parsed there
             return 0
         if args.command == "bench" and args.bench == "report":
             from genfoundry.bench.report import main as bench_report
@@ -387,8 +477,9 @@ def main(argv: list[str] | None = None) -> int:
             from genfoundry.bench.throughput import run
 
             precisions = args.precision or ["bf16"]
-            run(args.preset or ["DiT-B/2"], args.batch_size, precisions[0], args.compile, args.steps, args.out,
-                args.device, not args.no_baseline, precisions, args.profile)
+            run(args.preset or ["DiT-B/2"], args.batch_size or [256], precisions[0], args.compile or ["blocks"],
+                args.steps, args.out, args.device, not args.no_baseline, precisions, args.profile, args.image_size,
+                args.channels, args.classes, args.cuda_graphs)
         elif args.command == "eval":
             api.evaluate(args.run_dir, args.num_samples, args.reference, args.split, args.device,
                          resize=args.resize, max_reference_images=args.max_reference_images, weights=args.weights,

@@ -190,7 +190,11 @@ COMM_HOOKS = ("none", "torus", "topk", "powersgd")
 class ParallelConfig:
     strategy: str = "auto"          # auto (ddp on several ranks) | none | ddp | fsdp | hsdp
     replicate: int = 0              # hsdp: replica groups (0: one per node); shards within each
-    compile: bool = False           # torch.compile each transformer block
+    compile: bool = False           # torch.compile (what compile_scope says)
+    compile_scope: str = "blocks"   # blocks: each transformer block (works with every strategy) | loss: the
+                                    # whole loss (noise, network, error) as one graph, forward and backward
+    cuda_graphs: bool = False       # compile_scope=loss on CUDA: replay the compiled step as CUDA graphs
+                                    # (mode reduce-overhead), for small models that launch-bound the GPU
     activation_checkpointing: bool = False  # recompute block activations in backward to save memory
     timeout_s: float = 300.0        # a collective waiting longer than this fails the run (a dead rank)
     comm_hook: str = "none"         # ddp gradient all-reduce: none | torus (2D) | topk | powersgd
@@ -203,6 +207,10 @@ class ParallelConfig:
     def __post_init__(self):
         if self.strategy not in ("auto", "none", "ddp", "fsdp", "hsdp"):
             raise ConfigError(f"parallel.strategy must be auto, none, ddp, fsdp or hsdp, got '{self.strategy}'")
+        if self.compile_scope not in ("blocks", "loss"):
+            raise ConfigError(f"parallel.compile_scope must be blocks or loss, got '{self.compile_scope}'")
+        if self.cuda_graphs and not (self.compile and self.compile_scope == "loss"):
+            raise ConfigError("parallel.cuda_graphs needs parallel.compile=true and parallel.compile_scope=loss")
         if self.comm_hook not in COMM_HOOKS:
             raise ConfigError(f"parallel.comm_hook must be one of {', '.join(COMM_HOOKS)}, got '{self.comm_hook}'")
         if self.timeout_s <= 0:

@@ -81,3 +81,34 @@ def test_nonfinite_steps_are_skipped_then_the_run_rolls_back_and_goes_on(tmp_pat
     last = [r for r in rows if "event" not in r][-1]
     assert last["step"] == 10 and math.isfinite(last["loss"]) and last["rollbacks"] == 1
     assert all(torch.isfinite(p).all() for p in trainer.net.parameters())
+
+
+class DeviceSkippingTrainer(PoisonedTrainer):
+    """The accelerator's path on the CPU: the fused AdamW skips non-finite steps itself, and the host reads
+    the steps' flags only at reports and before checkpoints."""
+
+    DEVICE_SKIPS = ("cuda", "xpu", "cpu")
+
+
+def run_with_late_skips(tmp_path, overrides: dict | None = None, data=None) -> None:
+    """Steps 6..8 end non-finite; the host reads their flags at the checkpoint of step 8 and rolls back."""
+    cfg = config.load("demo", {**TINY, "run.root": str(tmp_path), "train.steps": 15, "train.log_every": 5,
+                               "checkpoint.full_every": 4, "checkpoint.nonfinite_rollback": 3, **(overrides or {})})
+    lines = []
+    trainer = DeviceSkippingTrainer(cfg, lambda *a, **k: lines.append(" ".join(map(str, a))), data=data)
+    assert trainer.device_skips and trainer.optimizer.defaults["fused"]
+    trainer.poisoned = {5, 6, 7}
+    trainer.train()
+    rows = metrics.read_jsonl(tmp_path / "demo" / "metrics.jsonl", all_rows=True)
+    steps = {r["step"]: r for r in rows if "event" not in r}
+    assert steps[10]["nonfinite_steps"] == pytest.approx(3 / 5), steps[10]  # counted in the row of step 10
+    assert [(r["step"], r["to_step"]) for r in rows if r.get("event") == "rollback"] == [(8, 4)], rows
+    assert any("rolled the weights, optimizer and EMA back to step 4" in line for line in lines), lines
+    assert steps[15]["rollbacks"] == 1 and math.isfinite(steps[15]["loss"])  # step 10's mean holds NaN losses
+    assert all(torch.isfinite(p).all() for p in trainer.net.parameters())
+    assert all(torch.isfinite(p).all() for p in trainer.ema.parameters())
+
+
+@pytest.mark.timeout(180)
+def test_steps_skipped_by_the_fused_optimizer_are_read_late_and_still_roll_back(tmp_path):
+    run_with_late_skips(tmp_path)

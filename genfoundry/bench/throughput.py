@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from genfoundry import accel, seeding
+from genfoundry import accel, metrics
 from genfoundry.checkpoint.storage import write_atomic
 from genfoundry.diffusion import FlowMatching
 from genfoundry.models import build_model
@@ -43,64 +43,96 @@ def matmul_ceiling(device: torch.device, precision: str = "bf16", n: int = 8192,
     return 2 * n**3 / statistics.median(times)
 
 
-def build_step(impl: str, preset: str, image_size: int, channels: int, num_classes: int, batch_size: int,
-               precision: str, compile: str, dev: torch.device):
-    """A function running one training step of `batch_size` images per rank, and the model.
+def plain_step(model, batch_size: int, num_images: int, precision: str, compile: str, cuda_graphs: bool,
+               dev: torch.device):
+    """The baseline: a plain PyTorch loop doing the trainer's work the way a careful user writes it.
 
-    impl "genfoundry": the trainer's path: `parallelize` (DDP on several ranks), per-sample keyed noise,
-    fused AdamW, the fp16 loss scaler. impl "baseline": a plain PyTorch loop, DDP on several ranks,
-    eager (no compile), batched noise, AdamW as torch defaults it.
-    """
-    from genfoundry.config import ParallelConfig
-    from genfoundry.distributed import parallel
-    from genfoundry.trainer.precision import DynamicLossScaler
-
-    torch.manual_seed(0)
-    model = build_model(preset, image_size, channels, num_classes).to(dev)
+    Images held on the device and gathered by a random permutation, batched noise from one generator,
+    flow-matching loss, fused AdamW where the device has it, gradient clipping to 1, an EMA of the
+    weights; DDP on several ranks; `compile` other than "none" compiles the whole model
+    (mode reduce-overhead with `cuda_graphs`). No sync with the host inside a step."""
+    arch = model.arch
     objective = FlowMatching()
     gen = torch.Generator(dev).manual_seed(accel.rank())
-    x = torch.randn(batch_size, channels, image_size, image_size, device=dev)
-    y = torch.randint(0, num_classes, (batch_size,), device=dev)
-    scaler = DynamicLossScaler() if precision == "fp16" else None
-    if impl == "baseline":
-        net = model
-        if accel.world_size() > 1:
-            from torch.nn.parallel import DistributedDataParallel
+    images = torch.randint(0, 256, (num_images, arch.in_channels, arch.image_size, arch.image_size),
+                           dtype=torch.uint8, device=dev)
+    labels = torch.randint(0, arch.num_classes, (num_images,), device=dev)
+    net = model
+    if accel.world_size() > 1:
+        from torch.nn.parallel import DistributedDataParallel
 
-            net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        draw = lambda: objective.draw(x, gen)  # noqa: E731
-    else:
-        net = parallel.parallelize(model, ParallelConfig(compile=compile == "blocks"), dev)
-        if compile == "model":
-            net = torch.compile(net)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type != "cpu")
-        step_no = [0]
-
-        def draw():
-            step_no[0] += 1
-            base = seeding.mix(step_no[0]) % 2**62 + accel.rank() * batch_size
-            return objective.draw_keyed(x, range(base, base + batch_size))
+        net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    if compile != "none":
+        net = torch.compile(net, mode="reduce-overhead" if cuda_graphs else None)
+    ema = [p.detach().clone() for p in model.parameters()]
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-4, **({"fused": True} if dev.type == "cuda" else {}))
+    order = [torch.randperm(num_images, device=dev, generator=gen), 0]
 
     def step():
-        t, eps, drop = draw()
+        if order[1] + batch_size > num_images:
+            order[:] = [torch.randperm(num_images, device=dev, generator=gen), 0]
+        idx = order[0][order[1]:order[1] + batch_size]
+        order[1] += batch_size
+        x = images[idx].float().div_(127.5).sub_(1.0)
+        t, eps, drop = objective.draw(x, gen)
+        if cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with accel.autocast(dev, precision):
-            loss = objective.loss(net, x, y, t, eps, drop)
-        (loss * scaler.scale if scaler else loss).backward()
-        if scaler is None or scaler.unscale_and_check([p.grad for p in model.parameters() if p.grad is not None]):
-            opt.step()
+            loss = objective.loss(net, x, labels[idx], t, eps, drop)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
         opt.zero_grad(set_to_none=True)
+        torch._foreach_lerp_(ema, [p.detach() for p in params], 1e-3)
 
-    return step, model
+    return step
+
+
+def build_step(impl: str, preset: str, image_size: int, channels: int, num_classes: int, batch_size: int,
+               precision: str, compile: str, dev: torch.device, cuda_graphs: bool = False, root: str = ""):
+    """A function running one training step of `batch_size` images per rank, and the model.
+
+    impl "genfoundry": the product's own step, `Trainer.train_step`, on synthetic images held as a
+    named dataset is (loader, keyed noise, clipping, the fused optimizer's on-device skip, EMA, metrics,
+    `parallel.compile` with `compile_scope` as `compile` says). impl "baseline": `plain_step`.
+    """
+    num_images = max(4 * batch_size * accel.world_size(), 4096)
+    if impl == "baseline":
+        torch.manual_seed(0)
+        model = build_model(preset, image_size, channels, num_classes).to(dev)
+        return plain_step(model, batch_size, num_images, precision, compile, cuda_graphs, dev), model
+    from genfoundry import config as config_lib
+    from genfoundry.data.build import synthetic_data
+    from genfoundry.trainer import Trainer
+
+    world = accel.world_size()
+    cfg = config_lib.load(None, {
+        "run.root": root, "run.name": "bench-train", "run.device": str(dev), "model.preset": preset,
+        "train.global_batch_size": batch_size * world, "train.micro_batch_size": batch_size,
+        "train.precision": precision, "train.steps": 10**9, "train.warmup_steps": 0, "train.lr": 1e-4,
+        "train.tensorboard": False, "parallel.compile": compile != "none",
+        "parallel.compile_scope": "loss" if compile == "loss" else "blocks", "parallel.cuda_graphs": cuda_graphs})
+    data = synthetic_data(image_size, channels, num_classes, num_images, batch_size * world, 0, dev)
+    trainer = Trainer(cfg, print_fn=lambda *a, **k: None, data=data)
+
+    def step():
+        trainer.train_step()
+        if trainer.step % 100 == 0:  # what the trainer's report does every train.log_every steps
+            trainer.read_step_flags()
+            metrics.collect()
+
+    return step, trainer.net
 
 
 def train_throughput(preset: str = "DiT-B/2", image_size: int = 32, channels: int = 4, num_classes: int = 1000,
                      batch_size: int = 256, precision: str = "bf16", compile: str = "blocks", warmup: int = 10,
-                     steps: int = 30, device: str = "auto", impl: str = "genfoundry", profile: bool = False) -> dict:
-    """Images/s of full training steps (forward, backward, AdamW) on random data, over all ranks."""
+                     steps: int = 30, device: str = "auto", impl: str = "genfoundry", profile: bool = False,
+                     cuda_graphs: bool = False, root: str = "") -> dict:
+    """Images/s of full training steps (forward, backward, clipping, AdamW, EMA) over all ranks."""
     dev = accel.get_device(device)
-    step, model = build_step(impl, preset, image_size, channels, num_classes, batch_size, precision,
-                             compile if impl == "genfoundry" else "none", dev)
+    step, model = build_step(impl, preset, image_size, channels, num_classes, batch_size, precision, compile, dev,
+                             cuda_graphs, root)
     flops_fwd = model.flops_per_forward()
     time_it = _timer(dev)
     compile_s = sum(time_it(step) for _ in range(warmup))
@@ -118,7 +150,7 @@ def train_throughput(preset: str = "DiT-B/2", image_size: int = 32, channels: in
     return {
         "preset": preset, "impl": impl, "input": [channels, image_size, image_size], "tokens": model.arch.num_tokens,
         "world_size": world, "batch_size_per_rank": batch_size, "precision": precision,
-        "compile": compile if impl == "genfoundry" else "none", "device": accel.device_name(dev),
+        "compile": compile, "cuda_graphs": cuda_graphs, "device": accel.device_name(dev),
         "torch": torch.__version__, "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "gflops_per_forward": flops_fwd / 1e9, "images_per_s": ips, "achieved_tflops": achieved / 1e12,
         "datasheet_peak_tflops": peak / 1e12 if peak else None,
@@ -160,52 +192,62 @@ def profile_kernels(step, dev: torch.device, steps: int = 5) -> dict:
     return {"ms_per_step_by_kind": totals, "top_ms_per_step": top[:15]}
 
 
-def run(presets: list[str], batch_size: int, precision: str, compile: str, steps: int, out: str | None,
-        device: str = "auto", baseline: bool = True, precisions: list[str] | None = None,
-        profile: bool = False) -> list[dict]:
-    """Each preset (and precision) through genfoundry's path and, with `baseline`, a plain eager loop.
+def run(presets: list[str], batch_sizes: list[int], precision: str, compiles: list[str], steps: int,
+        out: str | None, device: str = "auto", baseline: bool = True, precisions: list[str] | None = None,
+        profile: bool = False, image_size: int = 32, channels: int = 4, num_classes: int = 1000,
+        cuda_graphs: bool = False) -> list[dict]:
+    """Each preset, batch size, precision and compile setting through the trainer's own step and, with
+    `baseline`, the plain loop with the same compile setting, one right after the other.
 
     Under torchrun every rank runs it; rank 0 prints and writes. MFU counts all ranks' peak.
     """
+    import tempfile
+
     from genfoundry.distributed import parallel
 
     dev = accel.get_device(device)
     parallel.init_process_group(dev, 600)
     impls = ("genfoundry", "baseline") if baseline else ("genfoundry",)
-    runs = [(preset, prec, impl) for preset in presets for prec in precisions or [precision] for impl in impls]
+    runs = [(preset, batch, prec, comp, impl) for preset in presets for batch in batch_sizes
+            for prec in precisions or [precision] for comp in compiles for impl in impls]
     results = []
-    with bar(len(runs), "bench train", unit="run") as shown:
+    with bar(len(runs), "bench train", unit="run") as shown, tempfile.TemporaryDirectory() as root:
         say = shown.write if accel.rank() == 0 else (lambda *a, **k: None)  # printed above the bar
         ceilings = {}
         for prec in precisions or [precision]:
             ceilings[prec] = matmul_ceiling(dev, prec)
             say(f"matrix-product ceiling ({prec}, {accel.device_name(dev)}): {ceilings[prec] / 1e12:.1f} TFLOP/s; "
                 f"{accel.world_size()} rank(s)")
-        for preset, prec, impl in runs:
+        for preset, batch, prec, comp, impl in runs:
             ceiling = ceilings[prec]
-            r = train_throughput(preset, batch_size=batch_size, precision=prec, compile=compile, steps=steps,
-                                 device=device, impl=impl, profile=profile and impl == "genfoundry")
+            graphs = cuda_graphs and (comp == "loss" if impl == "genfoundry" else comp != "none")
+            r = train_throughput(preset, image_size, channels, num_classes, batch, prec, comp, steps=steps,
+                                 device=device, impl=impl, profile=profile, cuda_graphs=graphs, root=root)
             shown.update()
             r["matmul_ceiling_tflops"] = ceiling / 1e12
             r["mfu_measured_ceiling"] = r["achieved_tflops"] * 1e12 / (ceiling * accel.world_size())
             mfu = f"{r['mfu_datasheet']:.1%}" if r["mfu_datasheet"] is not None else "n/a"
             mem = f"{r['peak_memory_gb']:.1f} GB" if r["peak_memory_gb"] else "n/a"
-            say(f"{preset} {prec} {impl:>10} x{r['world_size']}: {r['images_per_s']:.0f} images/s, "
-                f"{r['achieved_tflops']:.1f} TFLOP/s, MFU {mfu} of datasheet peak, "
-                f"{r['mfu_measured_ceiling']:.1%} of measured ceiling, peak memory {mem}")
+            say(f"{preset} batch {batch} {prec} compile={comp}{' +graphs' if graphs else ''} {impl:>10} "
+                f"x{r['world_size']}: {r['images_per_s']:.0f} images/s, {r['achieved_tflops']:.1f} TFLOP/s, "
+                f"MFU {mfu} of datasheet peak, {r['mfu_measured_ceiling']:.1%} of measured ceiling, "
+                f"peak memory {mem}")
             if r["kernels"]:
                 kinds = ", ".join(f"{k} {v:.1f}" for k, v in sorted(r["kernels"]["ms_per_step_by_kind"].items(),
                                                                    key=lambda kv: -kv[1]))
                 say(f"  device ms per step by kernel kind: {kinds}")
             results.append(r)
             if dev.type == "cuda":
+                torch._dynamo.reset()
                 torch.cuda.empty_cache()
             if impl == "baseline":
                 ours, base = results[-2], results[-1]
-                say(f"{preset} {prec}: genfoundry / baseline = {ours['images_per_s'] / base['images_per_s']:.2f}x")
+                ours["baseline_images_per_s"] = base["images_per_s"]
+                say(f"{preset} batch {batch} {prec} compile={comp}: trainer / plain loop = "
+                    f"{ours['images_per_s'] / base['images_per_s']:.3f}")
     if out and accel.rank() == 0:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(Path(out), json.dumps({"format_version": 2, "benchmark": "train_throughput",
+        write_atomic(Path(out), json.dumps({"format_version": 3, "benchmark": "train_throughput",
                                             "results": results}, indent=2).encode())
     parallel.destroy_process_group()
     return results

@@ -15,7 +15,7 @@ from genfoundry.data.memory import InMemoryLoader
 from genfoundry.data.pipeline import DataPipeline
 from genfoundry.data.transforms import CenterCrop, Normalize, RandomHorizontalFlip, Resize
 from genfoundry.errors import ConfigError
-from genfoundry.sources import SOURCES, SourceError, default_side, load_images
+from genfoundry.sources import SOURCES, ImageSet, SourceError, default_side, load_images
 
 
 @dataclass
@@ -73,6 +73,23 @@ def training_data(cfg, global_batch_size: int, val_batch_size: int, seed: int, d
     n = min(val_batch_size, len(val))
     return TrainingData(make_loader, train.name, train.class_names, train.resolution, train.channels,
                         val.images[:n], val.labels[:n], notes)
+
+
+def synthetic_data(resolution: int, channels: int, num_classes: int, num_images: int, global_batch_size: int,
+                   seed: int, device) -> TrainingData:
+    """Random images and labels held like a named dataset: what a throughput benchmark trains on, so
+    that it times the trainer's own step (loader included) without reading files."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (num_images, resolution, resolution, channels), dtype=np.uint8)
+    labels = rng.integers(0, num_classes, num_images).astype(np.int64)
+    names = [str(k) for k in range(num_classes)]
+    train = ImageSet("synthetic", images, labels, names)
+
+    def make_loader(rank, world_size, accumulation):
+        return InMemoryLoader(train, global_batch_size, seed, device, False, rank, world_size, accumulation)
+
+    return TrainingData(make_loader, "synthetic", names, resolution, channels, images[:64], labels[:64],
+                        ["random images (a benchmark's)"])
 
 
 def _holdout(num_samples: int, fraction: float, val_batch_size: int, global_batch_size: int,

@@ -326,7 +326,7 @@ def parallelize(model: nn.Module, cfg, device: torch.device) -> nn.Module:
     if cfg.activation_checkpointing:
         for block in blocks:
             checkpoint_activations(block)
-    if cfg.compile:
+    if cfg.compile and getattr(cfg, "compile_scope", "blocks") == "blocks":  # scope "loss": the trainer compiles
         for block in blocks:
             block.compile()
     if strategy == "none":

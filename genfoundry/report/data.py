@@ -341,3 +341,53 @@ def _examples(folder: Path) -> dict:
             shown.append({"source": entry.get("source"), "message": entry.get("message"), "src": src})
         out[reason] = shown
     return out
+
+
+# ---- a study (genfoundry tune) --------------------------------------------------------------------
+
+STUDY_FILE = "trials.json"
+STUDY_RUNS = 20  # completed trials whose runs a study's page draws, the best first
+
+
+def is_study(folder: str | Path) -> bool:
+    """A `genfoundry tune` study directory: it holds trials.json (and is not itself a run)."""
+    folder = Path(folder)
+    return (folder / STUDY_FILE).is_file() and not (folder / rundir.METRICS).is_file()
+
+
+def read_study(folder: str | Path) -> dict:
+    """trials.json of a study, each trial with the run directory found beside it, and the runs of the
+    best `STUDY_RUNS` completed trials for the charts."""
+    folder = Path(folder)
+    path = folder / STUDY_FILE
+    info = _read_json(path)
+    if info is None:
+        raise ReportError(f"'{folder}' is not a study ({STUDY_FILE} is missing)")
+    missing = [k for k in ("study", "metric", "search", "trials") if k not in info]
+    if missing or not isinstance(info["trials"], list) or not isinstance(info["search"], dict):
+        raise ReportError(f"{path} lacks {', '.join(missing) or 'a list of trials'} (not written by genfoundry tune?)")
+    trials = []
+    for t in info["trials"]:
+        if not isinstance(t, dict) or not isinstance(t.get("number"), int) or not isinstance(t.get("state"), str):
+            raise ReportError(f"{path}: a trial without a number and a state")
+        run = _trial_dir(folder, t)
+        trials.append({**t, "path": str(run) if run else None,
+                       "has_metrics": bool(run and (run / rundir.METRICS).is_file()),
+                       "has_report": bool(run and (run / "report.html").is_file())})
+    best = (info.get("best") or {}).get("number")
+    done = sorted((t for t in trials if t["state"] == "COMPLETE" and _finite(t.get("value")) and t["has_metrics"]),
+                  key=lambda t: (t["value"], t["number"]))
+    return {"name": str(info["study"]), "path": str(folder), "metric": info["metric"], "search": list(info["search"]),
+            "spaces": info["search"], "trials": trials, "best": best, "counts": info.get("counts", {}),
+            "wanted": info.get("trials_wanted"), "storage": info.get("storage"), "updated": info.get("updated"),
+            "runs": [Path(t["path"]) for t in done[:STUDY_RUNS]], "completed": len(done)}
+
+
+def _trial_dir(folder: Path, trial: dict) -> Path | None:
+    """A trial's run directory: beside trials.json (where tune puts it, wherever the study was moved), or
+    where trials.json says."""
+    given = trial.get("run_dir") or trial.get("run")
+    if not isinstance(given, str) or not given:
+        return None
+    beside = folder / Path(given).name
+    return beside if beside.is_dir() else Path(given)

@@ -327,6 +327,28 @@
     show();
   }
 
+  // a study's trials table: a click on a header sorts by that column (again: the other way)
+  for (const tableEl of document.querySelectorAll("table.sortable")) {
+    const body = tableEl.tBodies[0];
+    tableEl.querySelectorAll("th").forEach((th, col) => {
+      th.addEventListener("click", () => {
+        const up = th.dataset.sorted !== "up";
+        tableEl.querySelectorAll("th").forEach((h) => delete h.dataset.sorted);
+        th.dataset.sorted = up ? "up" : "down";
+        const key = (row) => row.cells[col].dataset.v;
+        const numeric = th.dataset.type === "num" ||
+          (th.dataset.type === "auto" && Array.from(body.rows).every((r) => key(r) === "" || isFinite(+key(r))));
+        const rows = Array.from(body.rows).sort((a, b) => {
+          const x = key(a), y = key(b);
+          if (x === "" || y === "") return (x === "") - (y === "");  // no value: last either way
+          const d = numeric ? +x - +y : x.localeCompare(y);
+          return up ? d : -d;
+        });
+        for (const row of rows) body.appendChild(row);
+      });
+    });
+  }
+
   // controls
   const smoothing = document.getElementById("smoothing"), smoothingValue = document.getElementById("smoothing-value");
   let smoothingFrame = 0;

@@ -56,6 +56,8 @@ class Trainer(TrainerState, TrainerRecords):
     (a hyper-parameter search stops hopeless trials this way).
     """
 
+    DEVICE_SKIPS = ("cuda", "xpu")  # device types whose fused AdamW skips non-finite steps without the host
+
     def __init__(self, cfg: Config, print_fn=print, data: TrainingData | None = None, on_report=None):
         self.cfg = cfg
         self.run_dir = run_dir_of(cfg)
@@ -93,7 +95,7 @@ class Trainer(TrainerState, TrainerRecords):
         self.scaler = DynamicLossScaler(tc.loss_scale_init, tc.loss_scale_growth_interval) if self.precision == "fp16" else None
         # On an accelerator the fused AdamW kernel skips a non-finite step on the device itself, so no step
         # waits for the host to read the gradient norm: the host learns of skipped steps at the next report.
-        self.device_skips = (self.device.type in ("cuda", "xpu") and self.scaler is None
+        self.device_skips = (self.device.type in self.DEVICE_SKIPS and self.scaler is None
                              and cfg.parallel.comm_hook == "none")
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2),
                                            weight_decay=tc.weight_decay,
@@ -112,7 +114,15 @@ class Trainer(TrainerState, TrainerRecords):
         self.step, self.images_seen = 0, 0
         self.total_steps = tc.steps  # fewer where train.time_budget_s ends the run first
         self.train_time_s = 0.0  # training time so far: no validation, samples, saves or reports
-        self._draw = torch.compile(self.objective.draw_keyed) if cfg.parallel.compile else self.objective.draw_keyed
+        pc = cfg.parallel
+        if pc.compile and pc.compile_scope == "loss":  # noise, network and error: one graph each way
+            self._loss = torch.compile(self.keyed_loss, mode="reduce-overhead" if pc.cuda_graphs else None)
+        elif pc.compile:  # the blocks are compiled by parallelize; the noise's hashing becomes one kernel
+            draw = torch.compile(self.objective.draw_keyed)
+            self._loss = lambda x, y, keys: self.keyed_loss(x, y, keys, draw)
+        else:
+            self._loss = self.keyed_loss
+        self.cuda_graphs = pc.cuda_graphs and self.device.type == "cuda"
         self.flops_per_image = 3 * model.flops_per_forward()
         peak = accel.peak_flops(self.device, self.precision)
         self.peak_flops = peak * self.world if peak else None
@@ -186,6 +196,7 @@ class Trainer(TrainerState, TrainerRecords):
             fresh = self.step != start_step or start_step == 0  # events at the resume point already ran
             if fresh and (done or self.step % tc.log_every == 0 or self.step % tc.val_every == 0):
                 last = self.report(validate=done or self.step % tc.val_every == 0)
+                done = self.step >= self.total_steps  # a time budget's plan may have moved the end
             other_work = time.perf_counter()  # samples, saves, the report: not training time
             if fresh and tc.sample_every and self.step % tc.sample_every == 0 and self.step > 0:
                 self.sample_grid(f"grid-{self.step:07d}.png")
@@ -250,15 +261,15 @@ class Trainer(TrainerState, TrainerRecords):
         scale = self.scaler.scale if self.scaler else 1.0
         self.hook.begin_step(scale, may_skip=True)  # any step may be skipped: overflow, NaN or inf
         waited = 0.0
+        if self.cuda_graphs:  # the graphs' outputs of the last step (its gradients) are no longer read
+            torch.compiler.cudagraph_mark_step_begin()
         for micro in range(self.accumulation):
             before = time.perf_counter()
             x, y = self.loader.next_batch()
             waited += time.perf_counter() - before
-            y = torch.where(y < 0, self.data.num_classes, y)  # unlabelled (-1): the null class
-            t, eps, drop = self.objective.draw_keyed(x, self.noise_keys(micro))
             with parallel.gradient_sync(self.model, micro == self.accumulation - 1):
                 with accel.autocast(self.device, self.precision):
-                    loss = self.objective.loss(self.model, x, y, t, eps, drop)
+                    loss = self._loss(x, y, self.noise_keys(micro))
                 (loss * (scale / self.accumulation)).backward()
             metrics.report("loss", loss.detach())
         params = list(self.model.parameters())
@@ -313,6 +324,13 @@ class Trainer(TrainerState, TrainerRecords):
             if not ok:
                 self.skip_nonfinite_step()
             self.nonfinite_streak = 0 if ok else self.nonfinite_streak + 1
+
+    def keyed_loss(self, x, y, keys, draw=None) -> torch.Tensor:
+        """The training loss of one micro-batch, its noise drawn from the samples' keys (what
+        `parallel.compile_scope=loss` compiles as one graph)."""
+        y = torch.where(y < 0, self.data.num_classes, y)  # unlabelled (-1): the null class
+        t, eps, drop = (draw or self.objective.draw_keyed)(x, keys)
+        return self.objective.loss(self.model, x, y, t, eps, drop)
 
     def unscale_and_check(self, params) -> bool:
         """fp16: unscales the gradients; True if all are finite on every rank (shards differ under FSDP2)."""
