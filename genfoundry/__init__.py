@@ -2,7 +2,7 @@
 
 Each CLI command is a function here with the same name: `curate`, `train`, `sample`, `evaluate` (CLI
 `eval`), `build_report` (CLI `report`), `tune`, `demo`. Rooms of the flow live in subpackages: sources,
-curation, shards, data, models, diffusion, trainer, eval, report.
+curation, shards, data, models, diffusion, trainer, eval, report, tuning.
 """
 
 __version__ = "0.1.0"
@@ -15,10 +15,10 @@ def __getattr__(name: str):
         from genfoundry.curation import curate
 
         return curate
-    if name == "tune":  # the submodule genfoundry.tune, which runs tune() when called
-        import genfoundry.tune
+    if name == "tune":
+        from genfoundry.tuning import tune
 
-        return genfoundry.tune
+        return tune
     if name in ("build_report", "demo", "evaluate", "sample", "train"):
         from genfoundry import api
 

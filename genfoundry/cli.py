@@ -414,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
             run_compression(args.nproc, args.config, rest, args.out, args.method or METHODS, args.workdir)
             return 0
         if args.command == "tune":
-            from genfoundry.tune import tune
+            from genfoundry.tuning import tune
 
             tune(args.study, args.trials, args.search, args.space, args.config, config_lib.parse_overrides(rest),
                  args.metric, args.pruner, args.storage, args.fid_samples, args.heartbeat_s, args.enqueue,

@@ -63,4 +63,6 @@ def test_bench_train_measures_ours_and_the_baseline(cli, tmp_path):
     results = json.loads(out.read_text())["results"]
     assert [x["impl"] for x in results] == ["genfoundry", "baseline"]
     assert all(x["images_per_s"] > 0 and x["gflops_per_forward"] > 0 for x in results)
-    assert "genfoundry / baseline" in r.stdout
+    assert [x["timed"] for x in results] == ["Trainer.train_step", "plain_step"]
+    assert results[0]["baseline_images_per_s"] == results[1]["images_per_s"]
+    assert "trainer / plain loop" in r.stdout

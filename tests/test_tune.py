@@ -16,7 +16,7 @@ from PIL import Image
 
 from genfoundry import cli, config, metrics
 from genfoundry.config import ConfigError
-from genfoundry.tune import TuneError, tune
+from genfoundry.tuning import TuneError, tune
 
 from conftest import ROOT, run_cli
 

@@ -148,7 +148,7 @@ def train_throughput(preset: str = "DiT-B/2", image_size: int = 32, channels: in
     peak = peak * world if peak else None
     memory = accel.max_memory_allocated(dev)
     return {
-        "preset": preset, "impl": impl, "input": [channels, image_size, image_size], "tokens": model.arch.num_tokens,
+        "preset": preset, "impl": impl, "timed": "Trainer.train_step" if impl == "genfoundry" else "plain_step", "input": [channels, image_size, image_size], "tokens": model.arch.num_tokens,
         "world_size": world, "batch_size_per_rank": batch_size, "precision": precision,
         "compile": compile, "cuda_graphs": cuda_graphs, "device": accel.device_name(dev),
         "torch": torch.__version__, "params_m": sum(p.numel() for p in model.parameters()) / 1e6,

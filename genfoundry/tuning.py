@@ -29,10 +29,8 @@ import gc
 import json
 import math
 import os
-import sys
 import time
 import tomllib
-import types
 import warnings
 from pathlib import Path
 
@@ -842,14 +840,3 @@ def _finite_or_none(value):
 
 def _short(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else _text(value)
-
-
-class _CallableModule(types.ModuleType):
-    """`genfoundry.tune` is this module, and calling it runs `tune()`: the package's attribute and the
-    submodule share one name."""
-
-    def __call__(self, *args, **kwargs):
-        return tune(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
