@@ -378,6 +378,8 @@ class Trainer(TrainerState, TrainerRecords):
         used = self.train_time_s
         if self.distributed:
             used = float(accel.all_reduce(torch.tensor([used], dtype=torch.float64), "max").item())
+        if self.step >= self.total_steps:  # the planned end is reached: the run stops here
+            return
         if self._first_interval:  # no rate from an interval that held compilation; stop only on the clock
             interval_steps = 0
         self.total_steps = schedule.budgeted_total(self.step, tc.steps, used, tc.time_budget_s, interval_steps,

@@ -32,6 +32,7 @@ class TrainerState:
             "images_seen": self.images_seen,
             "train_time_s": self.train_time_s,
             "total_steps": self.total_steps,
+            "planned_for_steps": self.cfg.train.steps,  # the train.steps that total_steps was planned under
             "precision": self.precision,
             "scaler": self.scaler.state_dict() if self.scaler else {},
             "overflow_streak": self.overflow_streak,
@@ -51,8 +52,9 @@ class TrainerState:
                               f"another --run.name to start a new run")
         self.step, self.images_seen = state["step"], state["images_seen"]
         self.train_time_s = state.get("train_time_s", 0.0)
-        if self.cfg.train.time_budget_s:  # the budget's plan so far; without one, train.steps as configured
-            self.total_steps = min(state.get("total_steps", self.cfg.train.steps), self.cfg.train.steps)
+        # The budget's plan so far, unless train.steps changed (a run extended): then planned again at reports.
+        if self.cfg.train.time_budget_s and state.get("planned_for_steps") == self.cfg.train.steps:
+            self.total_steps = state["total_steps"]
         if not state["sharded"]:
             self.parallel.load_full_state_dict(state)
         self.precision = state["precision"]
