@@ -53,19 +53,19 @@ class Protocol:
         self.features = InceptionFeatures(device, batch_size)
         pick = np.sort(np.random.default_rng(0).choice(pool, references, replace=False))
         t0 = time.perf_counter()
-        self.mu, self.sigma = self._stats(self.train.images[pick])
+        self.mu, self.sigma, _ = self._stats(self.train.images[pick])
         self.reference_s = time.perf_counter() - t0
 
-    def _stats(self, images) -> tuple[np.ndarray, np.ndarray]:
+    def _stats(self, images) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         feats = self.features(self.pad(images).numpy())
-        return feats.mean(0), np.cov(feats, rowvar=False)
+        return feats.mean(0), np.cov(feats, rowvar=False), feats
 
     def fid(self, images) -> float:
         """FID of uint8 images [N, H, W, C] (C 1 or 3, at most 32 px) against the references."""
         from genfoundry.features import frechet_distance
 
-        mu, sigma = self._stats(images)
-        return float(frechet_distance(mu, sigma, self.mu, self.sigma))
+        mu, sigma, feats = self._stats(images)
+        return float(frechet_distance(mu, sigma, self.mu, self.sigma, features1=feats))
 
     def floor(self) -> dict:
         from genfoundry.sources import load_images
