@@ -137,6 +137,7 @@ class BenchRun(TrainerState):
         self.generator = torch.Generator(device).manual_seed(seed)
         self.batch_size, self.scaler, self.overflow_streak = batch_size, None, 0
         self.step = self.images_seen = 0
+        self.train_time_s, self.total_steps = 0.0, self.cfg.train.steps  # what a trainer's state holds
         self.checkpoints = None
 
     def train_step(self, before_update) -> None:
