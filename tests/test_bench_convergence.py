@@ -8,6 +8,10 @@ import torch
 pytest.importorskip("diffusers")
 
 from genfoundry.bench import convergence  # noqa: E402
+from genfoundry.sources import FASHION_MNIST_DIR  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file(),
+                                reason="needs Debian's dataset-fashion-mnist")
 
 
 @pytest.mark.timeout(600)
