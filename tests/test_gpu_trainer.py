@@ -52,5 +52,5 @@ def test_a_time_budget_ends_the_run_and_the_schedule_decays_to_its_end(tmp_path)
     rows = [r for r in metrics.read_jsonl(tmp_path / "demo" / "metrics.jsonl") if "event" not in r]
     last = rows[-1]
     assert last["step"] == trainer.step == trainer.total_steps < 10**6
-    assert 5.0 < last["train_time_s"] < 7.5, last
+    assert 4.5 < last["train_time_s"] < 7.5, last
     assert last["lr"] < 0.05 * cfg.train.lr, last  # cosine: near 0 at the budget's end

@@ -61,7 +61,7 @@ def test_a_time_budget_ends_a_cpu_run_with_its_schedule_decayed(tmp_path):
     rows = [r for r in metrics.read_jsonl(tmp_path / "demo" / "metrics.jsonl") if "event" not in r]
     last = rows[-1]
     assert last["step"] == trainer.step == trainer.total_steps < 10**6
-    assert 4.0 <= last["train_time_s"] < 7.0, last
+    assert 3.0 <= last["train_time_s"] < 7.0, last  # it may stop at its planned step just before the clock
     assert last["lr"] < 0.05 * cfg.train.lr, last
     assert rows[len(rows) // 2]["total_steps"] > 0
 
