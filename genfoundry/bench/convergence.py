@@ -110,10 +110,8 @@ def genfoundry_curve(protocol: Protocol, recipe: str, overrides: dict, condition
     data = training_data(cfg.data, tc.global_batch_size, tc.val_batch_size, cfg.run.seed, device)
     if not conditional:
         from genfoundry.data.memory import InMemoryLoader
-        from genfoundry.sources import load_images
 
-        train = load_images("fashion-mnist", "train")
-        train = dataclasses.replace(train, labels=np.full(len(train), -1, dtype=np.int64), class_names=[])
+        train = dataclasses.replace(protocol.train, labels=np.full(len(protocol.train), -1, dtype=np.int64), class_names=[])
         data = dataclasses.replace(
             data, class_names=[], val_labels=np.full(len(data.val_labels), -1, dtype=np.int64),
             make_loader=lambda r, w, a: InMemoryLoader(train, tc.global_batch_size, cfg.run.seed, device, False,

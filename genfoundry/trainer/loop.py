@@ -505,18 +505,3 @@ class Trainer(TrainerState, TrainerRecords):
         return {"format_version": FORMAT_VERSION, "preset": self.cfg.model.preset, "arch": self.net.arch.to_dict(),
                 "class_names": self.data.class_names, "source": self.data.name, "step": self.step,
                 "images_seen": self.images_seen}
-
-    def describe(self) -> None:
-        m, ds, tc = self.net, self.data, self.cfg.train
-        params = sum(p.numel() for p in self.ema.parameters())
-        auto = " (train.precision=auto)" if tc.precision == "auto" else ""
-        self.print(f"run {self.run_dir}  device {self.device} ({accel.device_name(self.device)})  "
-                   f"precision {self.precision}{auto}")
-        self.print(f"global batch {tc.global_batch_size} = micro-batch {self.micro_batch} x accumulation "
-                   f"{self.accumulation} x {self.world} rank(s)  parallel "
-                   f"{parallel.resolve_strategy(self.cfg.parallel.strategy, self.world)}")
-        self.print(f"data {ds.name}: {ds.resolution}x{ds.resolution}x{ds.channels} images, "
-                   f"{ds.num_classes} classes   model {self.cfg.model.preset}: {params / 1e6:.2f}M params, "
-                   f"{m.flops_per_forward() / 1e9:.3f} GFLOP/forward/image")
-        for note in ds.notes:
-            self.print(f"data: {note}")

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import os
 
-from genfoundry import metrics
+from genfoundry import accel, metrics
+from genfoundry.distributed import parallel
 from genfoundry.errors import GenfoundryError
 
 
@@ -108,3 +109,18 @@ class TrainerRecords:
             self.print(f"warning: the report of {self.run_dir} was not written: {e}")
             return
         self.print(f"report: {self.run_dir / 'report.html'} (genfoundry report {self.run_dir} rebuilds it)")
+
+    def describe(self) -> None:
+        m, ds, tc = self.net, self.data, self.cfg.train
+        params = sum(p.numel() for p in self.ema.parameters())
+        auto = " (train.precision=auto)" if tc.precision == "auto" else ""
+        self.print(f"run {self.run_dir}  device {self.device} ({accel.device_name(self.device)})  "
+                   f"precision {self.precision}{auto}")
+        self.print(f"global batch {tc.global_batch_size} = micro-batch {self.micro_batch} x accumulation "
+                   f"{self.accumulation} x {self.world} rank(s)  parallel "
+                   f"{parallel.resolve_strategy(self.cfg.parallel.strategy, self.world)}")
+        self.print(f"data {ds.name}: {ds.resolution}x{ds.resolution}x{ds.channels} images, "
+                   f"{ds.num_classes} classes   model {self.cfg.model.preset}: {params / 1e6:.2f}M params, "
+                   f"{m.flops_per_forward() / 1e9:.3f} GFLOP/forward/image")
+        for note in ds.notes:
+            self.print(f"data: {note}")
