@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -13,7 +15,7 @@ from safetensors.torch import load_file
 from genfoundry import accel
 from genfoundry import config as config_lib
 from genfoundry.config import Config, ConfigError
-from genfoundry.diffusion import generate, grid, save_png
+from genfoundry.sampling import generate, grid, rank_batches, save_png
 from genfoundry.errors import GenfoundryError, writable_directory
 from genfoundry.checkpoint.storage import write_atomic
 from genfoundry.models import DiT, DiTArch
@@ -153,18 +155,52 @@ def balanced_labels(num_images: int, num_classes: int, classes: list[int] | None
     return pool[torch.arange(num_images) % len(pool)]
 
 
+SOLVER_KEYS = ("sampler", "steps", "schedule", "shift", "cfg_scale", "guidance_schedule", "seed", "batch_size",
+               "precision", "compile")
+
+
+def sampling_config(sc: config_lib.SampleConfig, **given) -> config_lib.SampleConfig:
+    """The run's [sample] section with the given settings (None: the run's) in place, checked as the
+    config checks them."""
+    unknown = set(given) - set(SOLVER_KEYS)
+    if unknown:
+        raise TypeError(f"unknown sampling settings {sorted(unknown)}")
+    return dataclasses.replace(sc, **{k: v for k, v in given.items() if v is not None})
+
+
+@contextlib.contextmanager
+def joined(device: str):
+    """Under torchrun (WORLD_SIZE > 1), this command's ranks in one process group, left at the end (one
+    made by the caller stays the caller's); alone, nothing. Yields this rank's device."""
+    from genfoundry.distributed import parallel
+
+    dev = accel.get_device(device)
+    joined_before = accel.distributed()
+    parallel.init_process_group(dev, 600)
+    try:
+        yield dev
+    finally:
+        if not joined_before:
+            parallel.destroy_process_group()
+
+
 def sample(run_dir: str | Path, out_dir: str | Path | None = None, num_images: int | None = None,
            sampler: str | None = None, steps: int | None = None, cfg_scale: float | None = None,
            seed: int | None = None, batch_size: int | None = None, weights: str = "auto",
            device: str = "auto", write_images: bool = True, classes: list[str] | None = None,
-           print_fn=print, snapshot: int | str | None = None) -> dict:
+           print_fn=print, snapshot: int | str | None = None, **solver) -> dict:
     """Writes a grid (one row per class) and, optionally, every image as a PNG; settings default to the
     run's. `classes` names the classes to sample, as in the run's class list (default: all);
-    `snapshot` (a step, or "latest") samples an EMA snapshot written during training instead."""
+    `snapshot` (a step, or "latest") samples an EMA snapshot written during training instead. `solver`
+    may set any other key of SOLVER_KEYS (schedule, shift, guidance_schedule, precision, compile).
+
+    Under torchrun the ranks share the images by global index (genfoundry.sampling.rank_batches): each
+    writes its own PNGs, rank 0 the grid and sampling.json, and the images are the same as alone."""
     for flag, value in (("--num-images", num_images), ("--steps", steps), ("--batch-size", batch_size)):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be at least 1, got {value}")
-    sc = run_config(run_dir).sample
+    sc = sampling_config(run_config(run_dir).sample, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed,
+                         batch_size=batch_size, **solver)
     before = final_meta(run_dir, snapshot)
     snapshot = snapshot if snapshot is None else before["step"]  # "latest" resolved once
     names = before["class_names"]
@@ -172,40 +208,48 @@ def sample(run_dir: str | Path, out_dir: str | Path | None = None, num_images: i
     if unknown:
         raise ConfigError(f"--class {', '.join(repr(c) for c in unknown)}: not a class of this run, whose classes "
                           f"are {', '.join(names)}")
-    model, meta = load_trained(run_dir, weights, device, print_fn, snapshot)
-    chosen = [names.index(c) for c in classes] if classes else list(range(len(names)))
-    k = len(chosen)
-    num_images = sc.per_class * k if num_images is None else num_images
-    settings = dict(sampler=sampler or sc.sampler, steps=sc.steps if steps is None else steps,
-                    cfg_scale=sc.cfg_scale if cfg_scale is None else cfg_scale,
-                    seed=sc.seed if seed is None else seed,
-                    guidance_interval=(sc.guidance_min_t, sc.guidance_max_t))
-    default = "sampled" if snapshot is None else f"sampled-{meta['step']:09d}"
-    out = writable_directory(out_dir or Path(run_dir) / "samples" / default, RunError)
-    labels = balanced_labels(num_images, len(names), chosen)
-    images = generate(model, labels, range(num_images), batch_size=sc.batch_size if batch_size is None else batch_size,
-                      precision=sc.precision, **settings)
-    # Order by class, in the order given, so that each grid row is one class.
-    order = torch.argsort(torch.arange(num_images) % k, stable=True)
-    save_png(grid(images[order], rows=min(k, num_images)), out / "grid.png")
-    if write_images:
-        for i in range(num_images):
-            save_png(images[i], out / f"{i:06d}-{names[labels[i]]}.png")
-    info = {"format_version": FORMAT_VERSION, "run": str(run_dir), "num_images": num_images,
-            "weights": meta["weights"], "step": meta["step"], "classes": [names[c] for c in chosen], **settings,
-            "out_dir": str(out)}
-    write_atomic(out / "sampling.json", json.dumps(info, indent=2).encode())
+    with joined(device) as dev:
+        main = accel.is_main_process()
+        model, meta = load_trained(run_dir, weights, str(dev), print_fn if main else lambda *a: None, snapshot)
+        chosen = [names.index(c) for c in classes] if classes else list(range(len(names)))
+        k = len(chosen)
+        num_images = sc.per_class * k if num_images is None else num_images
+        default = "sampled" if snapshot is None else f"sampled-{meta['step']:09d}"
+        out = writable_directory(out_dir or Path(run_dir) / "samples" / default, RunError)
+        labels = balanced_labels(num_images, len(names), chosen)
+        settings = sc.solver_settings()
+        t0 = time.perf_counter()
+        images = generate(model, labels, range(num_images), shared=True, progress=main, **settings)
+        sampling_s = time.perf_counter() - t0
+        if main:  # order by class, in the order given, so that each grid row is one class
+            order = torch.argsort(torch.arange(num_images) % k, stable=True)
+            save_png(grid(images[order], rows=min(k, num_images)), out / "grid.png")
+        if write_images:
+            for positions in rank_batches(num_images, sc.batch_size):
+                for i in positions:
+                    save_png(images[i], out / f"{i:06d}-{names[labels[i]]}.png")
+        info = {"format_version": FORMAT_VERSION, "run": str(run_dir), "num_images": num_images,
+                "weights": meta["weights"], "step": meta["step"], "classes": [names[c] for c in chosen], **settings,
+                "ranks": accel.world_size(), "sampling_s": sampling_s, "out_dir": str(out)}
+        if main:
+            write_atomic(out / "sampling.json", json.dumps(info, indent=2).encode())
+        if accel.distributed():
+            torch.distributed.barrier()  # every rank's PNGs are written when any rank returns
     return info
 
 
 def evaluate(run_dir: str | Path, num_samples: int | None = None, reference: str | None = None,
              split: str | None = None, device: str = "auto", print_fn=print, resize: str | None = None,
              max_reference_images: int | None = None, weights: str = "auto",
-             snapshot: int | str | None = None) -> dict:
+             snapshot: int | str | None = None, **solver) -> dict:
     """FID and KID of `num_samples` class-balanced samples from a finished run against a reference set
     (a dataset name, image folder or shard set; default the training source) built at the run's image
     size and channels. The reference statistics are made, or found, before any sample is generated.
-    `snapshot` (a step, or "latest") scores an EMA snapshot written during training instead."""
+    `snapshot` (a step, or "latest") scores an EMA snapshot written during training instead; `solver`
+    may set any key of SOLVER_KEYS (default: the run's [sample] settings).
+
+    Under torchrun the ranks share the samples by global index and rank 0 scores them: the FID is the
+    same as alone. Every rank returns the result."""
     from genfoundry.eval import evaluate as score
     from genfoundry.eval import reference_stats
 
@@ -214,37 +258,49 @@ def evaluate(run_dir: str | Path, num_samples: int | None = None, reference: str
     if max_reference_images is not None and max_reference_images < 1:
         raise ConfigError(f"--max-reference-images must be at least 1, got {max_reference_images}")
     cfg = run_config(run_dir)
-    ec, sc = cfg.eval, cfg.sample
+    ec, sc = cfg.eval, sampling_config(cfg.sample, **solver)
     num_samples = ec.num_samples if num_samples is None else num_samples
     resize = resize or ec.resize
     snapshot = snapshot if snapshot is None else final_meta(run_dir, snapshot)["step"]  # "latest" resolved once
-    model, meta = load_trained(run_dir, weights, device, print_fn, snapshot)
-    out = writable_directory(Path(run_dir) / "eval", RunError)
-    device = str(accel.get_device(device))
-    t0 = time.perf_counter()
-    ref = reference_stats(reference or ec.reference or cfg.data.source, split or ec.split, meta["arch"]["image_size"],
-                          meta["arch"]["in_channels"], resize, device,
-                          max_images=ec.max_reference_images if max_reference_images is None else max_reference_images)
-    reference_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    images = generate(model, balanced_labels(num_samples, len(meta["class_names"])), range(num_samples),
-                      sc.seed, sc.steps, sc.sampler, sc.cfg_scale, sc.batch_size, precision=sc.precision,
-                      guidance_interval=(sc.guidance_min_t, sc.guidance_max_t))
-    sampling_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    result = score(images.numpy(), device=device, kid_subset_size=ec.kid_subset_size, reference_stats_=ref,
-                   resize=resize)
-    result.update(reference_s=reference_s, sampling_s=sampling_s, scoring_s=time.perf_counter() - t0,
-                  sampler=sc.sampler, sampler_steps=sc.steps, cfg_scale=sc.cfg_scale,
-                  guidance_interval=[sc.guidance_min_t, sc.guidance_max_t], run=str(run_dir),
-                  step=meta["step"], weights=meta["weights"])
-    name = f"fid-{num_samples}.json" if snapshot is None else f"fid-{num_samples}-step{meta['step']:09d}.json"
-    write_atomic(out / name, json.dumps(result, indent=2).encode())
-    record_fid(Path(run_dir), cfg, result)
-    identity = result["reference_identity"]
-    print_fn(f"FID {result['fid']:.3f}  ({result['num_generated']} generated vs {result['num_reference']} "
-             f"reference images of {result['reference']}; {identity['resolution']}x{identity['resolution']}x"
-             f"{identity['channels']}, resize {resize}, network {identity['network_sha256']})")
+    with joined(device) as dev:
+        main = accel.is_main_process()
+        model, meta = load_trained(run_dir, weights, str(dev), print_fn if main else lambda *a: None, snapshot)
+        out = writable_directory(Path(run_dir) / "eval", RunError)
+        t0 = time.perf_counter()
+        ref = None
+        if main:
+            ref = reference_stats(reference or ec.reference or cfg.data.source, split or ec.split,
+                                  meta["arch"]["image_size"], meta["arch"]["in_channels"], resize, str(dev),
+                                  max_images=ec.max_reference_images if max_reference_images is None
+                                  else max_reference_images)
+        reference_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        settings = sc.solver_settings()
+        images = generate(model, balanced_labels(num_samples, len(meta["class_names"])), range(num_samples),
+                          shared=True, progress=main, **settings)
+        sampling_s = time.perf_counter() - t0
+        result = None
+        if main:
+            t0 = time.perf_counter()
+            result = score(images.numpy(), device=str(dev), kid_subset_size=ec.kid_subset_size, reference_stats_=ref,
+                           resize=resize)
+            result.update(reference_s=reference_s, sampling_s=sampling_s, scoring_s=time.perf_counter() - t0,
+                          sampler=sc.sampler, sampler_steps=sc.steps, cfg_scale=sc.cfg_scale, schedule=sc.schedule,
+                          shift=sc.shift, guidance_schedule=sc.guidance_schedule,
+                          guidance_interval=[sc.guidance_min_t, sc.guidance_max_t], ranks=accel.world_size(),
+                          run=str(run_dir), step=meta["step"], weights=meta["weights"])
+            name = f"fid-{num_samples}.json" if snapshot is None else f"fid-{num_samples}-step{meta['step']:09d}.json"
+            write_atomic(out / name, json.dumps(result, indent=2).encode())
+            record_fid(Path(run_dir), cfg, result)
+            identity = result["reference_identity"]
+            print_fn(f"FID {result['fid']:.3f}  ({result['num_generated']} generated vs {result['num_reference']} "
+                     f"reference images of {result['reference']}; {identity['resolution']}x"
+                     f"{identity['resolution']}x{identity['channels']}, resize {resize}, network "
+                     f"{identity['network_sha256']})")
+        if accel.distributed():
+            box = [result]
+            torch.distributed.broadcast_object_list(box, src=0)
+            result = box[0]
     return result
 
 

@@ -75,6 +75,35 @@ def _snapshot(value: str) -> int | str:
         raise argparse.ArgumentTypeError(f"a step or 'latest', got '{value}'") from None
 
 
+def _solver_args(p: argparse.ArgumentParser) -> None:
+    """The sampling settings `sample` and `eval` take (default: the run's [sample] section)."""
+    from genfoundry.sampling.solvers import GUIDANCE_SCHEDULES, SCHEDULES, SOLVERS
+
+    g = p.add_argument_group("sampling (default: the run's [sample] settings)")
+    g.add_argument("--sampler", choices=list(SOLVERS), help="ODE solver: " + "; ".join(
+        f"{name}: {solver.about}" for name, solver in SOLVERS.items()))
+    g.add_argument("--steps", type=int, help="solver steps (heun spends 2 network evaluations per step but the last)")
+    g.add_argument("--schedule", choices=list(SCHEDULES),
+                   help="time grid: uniform in t, shifted (--shift), EDM's karras grid, or even in log-SNR")
+    g.add_argument("--shift", type=float, help="s of the shift grid, t' = s t / (1 + (s - 1) t); 0 takes "
+                                               "sqrt(values per image / 4096)")
+    g.add_argument("--cfg-scale", type=float, help="classifier-free guidance weight; 1 disables")
+    g.add_argument("--guidance-schedule", choices=list(GUIDANCE_SCHEDULES),
+                   help="how the guidance weight varies with t, with the same mean: constant, linear "
+                        "(none at noise, most at the data), cosine")
+    g.add_argument("--precision", choices=list(config_lib.PRECISIONS),
+                   help="network precision; auto: bf16 on a CUDA GPU that has it, else fp32")
+    g.add_argument("--compile", choices=list(config_lib.SAMPLE_COMPILE),
+                   help="auto: CUDA graphs of the compiled network on CUDA, compiled on other accelerators, "
+                        "eager on a CPU")
+    g.add_argument("--batch-size", type=int, help="images per network call; does not change the images")
+
+
+def _solver_values(args) -> dict:
+    return {k: getattr(args, k) for k in ("sampler", "steps", "schedule", "shift", "cfg_scale", "guidance_schedule",
+                                          "precision", "compile", "batch_size")}
+
+
 def _snapshot_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--snapshot", type=_snapshot, metavar="STEP|latest",
                    help="use the EMA snapshot training wrote at STEP (checkpoint.snapshot_every), or the newest, "
@@ -142,15 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray", action="store_true", help="run the slices as Ray tasks (needs `pip install ray`)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
 
-    p = sub.add_parser("sample", help="write a sample grid and PNG images from a finished run")
+    p = sub.add_parser("sample", help="write a sample grid and PNG images from a finished run",
+                       description="Samples a finished run. Under torchrun (torchrun --nproc-per-node=N -m "
+                                   "genfoundry sample ...) the ranks share the images by global index; the images "
+                                   "are the same whatever the number of ranks.")
     p.add_argument("run_dir", help="a run directory (e.g. runs/demo)")
     p.add_argument("--out", help="output directory (default: RUN_DIR/samples/sampled)")
     p.add_argument("--num-images", type=int, help="images to generate, class-balanced (default: a grid of per_class per class)")
-    p.add_argument("--sampler", choices=["euler", "heun"], help="ODE solver (default: the run's)")
-    p.add_argument("--steps", type=int, help="ODE steps (default: the run's)")
-    p.add_argument("--cfg-scale", type=float, help="classifier-free guidance weight; 1 disables (default: the run's)")
+    _solver_args(p)
     p.add_argument("--seed", type=int, help="base seed; image i uses noise seeded by (seed, i)")
-    p.add_argument("--batch-size", type=int, help="images per network call; does not change the images")
     p.add_argument("--class", dest="classes", action="append", metavar="NAME",
                    help="sample only this class, named as in the run's class list (RUN_DIR/final/model.json); "
                         "repeatable (default: every class)")
@@ -180,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", choices=["auto", "ema", "model"], default="auto",
                    help="EMA or raw weights; auto chooses as sample does (default: auto)")
     _snapshot_arg(p)
+    _solver_args(p)
     p.add_argument("--device", default="auto", help="device, e.g. cpu or cuda:0 (default: auto)")
     p = sub.add_parser("report", help="one self-contained report.html of runs (and a curation): every metric, "
                                       "the timeline and goodput, sample grids, FID, config",
@@ -456,10 +486,12 @@ def main(argv: list[str] | None = None) -> int:
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         if args.command == "sample":
-            info = api.sample(args.run_dir, args.out, args.num_images, args.sampler, args.steps, args.cfg_scale,
-                              args.seed, args.batch_size, args.weights, args.device, not args.grid_only,
-                              classes=args.classes, snapshot=args.snapshot)
-            print(f"wrote {info['num_images']} images to {info['out_dir']}")
+            solver = _solver_values(args)
+            info = api.sample(args.run_dir, args.out, args.num_images, seed=args.seed, weights=args.weights,
+                              device=args.device, write_images=not args.grid_only, classes=args.classes,
+                              snapshot=args.snapshot, **solver)
+            if info["ranks"] == 1 or int(os.environ.get("RANK", 0)) == 0:
+                print(f"wrote {info['num_images']} images to {info['out_dir']} in {info['sampling_s']:.1f} s")
         elif args.command == "pack":
             from genfoundry.shards.pack import pack, summary
 
@@ -483,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "eval":
             api.evaluate(args.run_dir, args.num_samples, args.reference, args.split, args.device,
                          resize=args.resize, max_reference_images=args.max_reference_images, weights=args.weights,
-                         snapshot=args.snapshot)
+                         snapshot=args.snapshot, **_solver_values(args))
         return 0
     except GenfoundryError as e:  # a user mistake: its one-line message, no traceback
         print(f"genfoundry {args.command}: error: {e}", file=sys.stderr)

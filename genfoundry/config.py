@@ -18,8 +18,11 @@ from importlib import resources
 from pathlib import Path
 
 from genfoundry.errors import ConfigError
+from genfoundry.sampling.solvers import GUIDANCE_SCHEDULES, SCHEDULES, SOLVERS
 
 FORMAT_VERSION = 1
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+SAMPLE_COMPILE = ("auto", "none", "compile", "graphs")
 
 
 @dataclass
@@ -122,8 +125,8 @@ class TrainConfig:
     tensorboard: bool = True        # TensorBoard event files in the run directory (needs the tensorboard package)
 
     def __post_init__(self):
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ConfigError(f"train.precision must be auto, fp32, bf16 or fp16, got '{self.precision}'")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
         if self.lr_schedule not in ("constant", "cosine", "wsd"):
             raise ConfigError(f"train.lr_schedule must be constant, cosine or wsd, got '{self.lr_schedule}'")
         if self.lr_scaling not in ("none", "sqrt", "linear"):
@@ -226,27 +229,45 @@ class ParallelConfig:
 
 @dataclass
 class SampleConfig:
-    sampler: str = "heun"        # euler | heun
-    steps: int = 16              # ODE steps (heun uses 2 network evaluations per step but the last)
+    sampler: str = "heun"        # ODE solver: euler | heun | dpm++2m (genfoundry.sampling.solvers.SOLVERS)
+    steps: int = 16              # solver steps (heun uses 2 network evaluations per step but the last)
+    schedule: str = "uniform"    # time grid: uniform | shift | karras | logsnr
+    shift: float = 0.0           # the shift schedule's s, t' = s t / (1 + (s - 1) t); 0: sqrt(C H W / 4096)
     cfg_scale: float = 1.5       # classifier-free guidance weight; 1 disables guidance
+    guidance_schedule: str = "constant"  # how the weight varies with t: constant | linear | cosine (same mean)
     guidance_min_t: float = 0.0  # guidance only at times t in [guidance_min_t, guidance_max_t] (t = 1 is noise);
     guidance_max_t: float = 1.0  # elsewhere the conditional velocity alone (a guidance interval)
     per_class: int = 8           # images per class in a grid
     batch_size: int = 256        # images per network call
     seed: int = 0                # base seed; image i uses noise from (seed, i)
-    precision: str = "fp32"      # network precision while sampling: fp32 | bf16 | fp16
+    precision: str = "auto"      # network precision while sampling: auto (bf16 on a CUDA GPU that has it,
+                                 # else fp32) | fp32 | bf16 | fp16; weights are cast once, not autocast
+    compile: str = "auto"        # auto (graphs on CUDA, compile on other accelerators, none on a CPU) |
+                                 # none | compile | graphs (torch.compile replayed as CUDA graphs)
 
     def __post_init__(self):
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise ConfigError(f"sample.precision must be fp32, bf16 or fp16, got '{self.precision}'")
-        if self.sampler not in ("euler", "heun"):
-            raise ConfigError(f"sample.sampler must be euler or heun, got '{self.sampler}'")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"sample.precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
+        if self.compile not in SAMPLE_COMPILE:
+            raise ConfigError(f"sample.compile must be one of {', '.join(SAMPLE_COMPILE)}, got '{self.compile}'")
+        for key, names in (("sampler", SOLVERS), ("schedule", SCHEDULES), ("guidance_schedule", GUIDANCE_SCHEDULES)):
+            if getattr(self, key) not in names:
+                raise ConfigError(f"sample.{key} must be one of {', '.join(names)}, got '{getattr(self, key)}'")
+        if self.shift < 0:
+            raise ConfigError(f"sample.shift must be positive, or 0 for the resolution's, got {self.shift}")
         if not 0.0 <= self.guidance_min_t <= self.guidance_max_t <= 1.0:
             raise ConfigError(f"sample.guidance_min_t and guidance_max_t must satisfy 0 <= min <= max <= 1, got "
                               f"{self.guidance_min_t} and {self.guidance_max_t}")
         for name in ("steps", "per_class", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"sample.{name} must be at least 1, got {getattr(self, name)}")
+
+    def solver_settings(self) -> dict:
+        """The keyword arguments of genfoundry.sampling.generate that this section sets."""
+        return dict(seed=self.seed, steps=self.steps, sampler=self.sampler, cfg_scale=self.cfg_scale,
+                    batch_size=self.batch_size, precision=self.precision, schedule=self.schedule, shift=self.shift,
+                    guidance_schedule=self.guidance_schedule, compile=self.compile,
+                    guidance_interval=(self.guidance_min_t, self.guidance_max_t))
 
 
 @dataclass

@@ -20,18 +20,24 @@ def hash32(x):
     return x ^ (x >> 16)
 
 
-def mix(*words: int) -> int:
+def mix(*words) -> int:
     """A seed in [0, 2**63) from integers in [0, 2**64), sensitive to their order and number.
 
-    Negative words down to -2**63 are read as their 64-bit two's complement.
+    Negative words down to -2**63 are read as their 64-bit two's complement. The last word may be a
+    tensor of non-negative int64 values: the result is then a tensor of the seeds mix(*words[:-1], w)
+    for each of its elements, computed element-wise on its device.
     """
     a, b = 0x243F6A88, 0x85A308D3
-    for w in words:
-        w = int(w)
-        if not -(1 << 63) <= w < (1 << 64):
-            raise ValueError(f"seed words must fit in 64 bits, got {w}")
-        w &= _MASK64
-        for half in (w & MASK32, w >> 32):
+    for pos, w in enumerate(words):
+        if not isinstance(w, int) and pos == len(words) - 1 and hasattr(w, "dtype"):
+            halves = (w & MASK32, w >> 32)  # int64 tensor: already within [0, 2**63)
+        else:
+            w = int(w)
+            if not -(1 << 63) <= w < (1 << 64):
+                raise ValueError(f"seed words must fit in 64 bits, got {w}")
+            w &= _MASK64
+            halves = (w & MASK32, w >> 32)
+        for half in halves:
             a = hash32(a ^ half)
             b = hash32(b ^ a)
     a = hash32(a ^ (len(words) & MASK32))

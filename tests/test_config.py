@@ -26,7 +26,10 @@ def test_unknown_key_suggests_closest():
     ("train.steps", "1.5", "must be an integer"),
     ("train.lr", "fast", "must be a number"),
     ("data.hflip", "maybe", "true or false"),
-    ("train.precision", "fp8", "auto, fp32, bf16 or fp16"),
+    ("train.precision", "fp8", "auto, fp32, bf16, fp16"),
+    ("sample.sampler", "rk4", "euler, heun, dpm\\+\\+2m"),
+    ("sample.schedule", "cosine", "uniform, shift, karras, logsnr"),
+    ("sample.compile", "max", "auto, none, compile, graphs"),
     ("train.lr", "-1", "must be positive"),
     ("model.class_dropout", "1.0", r"\[0, 1\)"),
 ])

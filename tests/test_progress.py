@@ -12,7 +12,7 @@ import termios
 import pytest
 import torch
 
-from genfoundry.diffusion import generate
+from genfoundry.sampling import generate
 from genfoundry.models import build_model
 from genfoundry.progress import bar
 

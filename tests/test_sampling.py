@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from genfoundry.diffusion import generate, grid, image_noise, solve
+from genfoundry.sampling import generate, grid, image_noise, solve
 from genfoundry.models import build_model
 
 

@@ -7,7 +7,7 @@ import torch
 
 from genfoundry import config, metrics
 from genfoundry.diffusion import LOSS_WEIGHTINGS, FlowMatching
-from genfoundry.diffusion.samplers import solve
+from genfoundry.sampling import solve
 from genfoundry.errors import ConfigError
 from genfoundry.models import build_model
 from genfoundry.trainer import Trainer

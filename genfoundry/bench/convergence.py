@@ -96,7 +96,7 @@ def genfoundry_curve(protocol: Protocol, recipe: str, overrides: dict, condition
 
     from genfoundry import config as config_lib
     from genfoundry.data.build import training_data
-    from genfoundry.diffusion import generate
+    from genfoundry.sampling import generate
     from genfoundry.api import balanced_labels
     from genfoundry.trainer import Trainer
 
@@ -131,9 +131,8 @@ def genfoundry_curve(protocol: Protocol, recipe: str, overrides: dict, condition
             t0 = time.perf_counter()
             k = trainer.data.num_classes
             labels = balanced_labels(protocol.samples, k) if conditional else torch.full((protocol.samples,), k)
-            images = generate(trainer.ema, labels, range(protocol.samples), sc.seed, sc.steps, sc.sampler,
-                              sc.cfg_scale if conditional else 1.0, sc.batch_size, device, sc.precision,
-                              progress=False, guidance_interval=(sc.guidance_min_t, sc.guidance_max_t))
+            settings = {**sc.solver_settings(), "cfg_scale": sc.cfg_scale if conditional else 1.0}
+            images = generate(trainer.ema, labels, range(protocol.samples), device=device, progress=False, **settings)
             sample_s = time.perf_counter() - t0
             fid = protocol.fid(images)
             points.append({"mark_s": mark, "train_s": trainer.train_time_s, "step": step,

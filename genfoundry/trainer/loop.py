@@ -23,7 +23,8 @@ from genfoundry.errors import GenfoundryError
 from genfoundry.sources import SourceError
 from genfoundry.data.build import TrainingData, training_data
 from genfoundry.data.order import chunk_index
-from genfoundry.diffusion import FlowMatching, generate, grid, save_png
+from genfoundry.diffusion import FlowMatching
+from genfoundry.sampling import generate, grid, save_png
 from genfoundry.distributed import parallel
 from genfoundry.distributed.state import HookState, ParallelState
 from genfoundry.models import build_model
@@ -463,9 +464,9 @@ class Trainer(TrainerState, TrainerRecords):
             return None
         sc, k = self.cfg.sample, self.data.num_classes
         labels = torch.arange(k).repeat_interleave(sc.per_class)
-        images = generate(self.ema, labels, range(len(labels)), sc.seed, sc.steps, sc.sampler, sc.cfg_scale,
-                          sc.batch_size, self.device, sc.precision, progress=False,
-                          guidance_interval=(sc.guidance_min_t, sc.guidance_max_t))
+        # eager: compiling the network for every preview grid would cost more than the grid
+        images = generate(self.ema, labels, range(len(labels)), device=self.device, progress=False,
+                          **{**sc.solver_settings(), "compile": "none"})
         path = self.run_dir / "samples" / name
         image = grid(images, rows=k)
         save_png(image, path)
