@@ -59,3 +59,37 @@ def test_grid_layout():
     g = grid(imgs, rows=2, pad=1)
     assert g.shape == (2 * 3 + 1, 3 * 3 + 1, 1)
     assert g[1, 1, 0] == 0 and g[1, 4, 0] == 1 and g[4, 1, 0] == 3
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpm++2m"])
+def test_compiled_network_gives_the_eager_images(model, sampler):
+    """compile pads the last batch to a fixed shape; the padding is dropped and the images stay."""
+    labels = torch.tensor([0, 1, 2, 3, 4, 5])
+    kwargs = dict(seed=2, steps=3, sampler=sampler, cfg_scale=2.0, batch_size=4, precision="fp32")
+    eager = generate(model, labels, range(6), compile="none", **kwargs)
+    compiled = generate(model, labels, range(6), compile="compile", **kwargs)
+    assert compiled.shape == eager.shape
+    assert (eager.int() - compiled.int()).abs().max() <= 1
+
+
+def test_bf16_network_is_close_to_fp32(model):
+    from genfoundry.sampling.fast import SamplingNetwork
+
+    x, t, y = torch.randn(4, 1, 28, 28), torch.rand(4), torch.tensor([0, 1, 2, 10])
+    fp32 = SamplingNetwork(model, "cpu", "fp32")
+    bf16 = SamplingNetwork(model, "cpu", "bf16")
+    assert fp32.net is model and bf16.net is not model  # cast once, into a copy; the model stays fp32
+    assert next(model.parameters()).dtype == torch.float32 and next(bf16.net.parameters()).dtype == torch.bfloat16
+    ref, low = fp32(x, t, y), bf16(x, t, y)
+    assert low.dtype == torch.float32
+    assert (low - ref).abs().mean() < 0.02 * ref.abs().mean() + 1e-3
+
+
+def test_automatic_choices_per_device():
+    from genfoundry.sampling.fast import resolve_compile
+
+    assert resolve_compile("auto", torch.device("cpu")) == "none"
+    assert resolve_compile("auto", torch.device("cuda", 0)) == "graphs"
+    assert resolve_compile("graphs", torch.device("cpu")) == "compile"  # CUDA graphs need CUDA
+    with pytest.raises(ValueError, match="unknown sampling compile mode"):
+        resolve_compile("fast", torch.device("cpu"))
