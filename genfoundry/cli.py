@@ -361,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_parser("convergence", add_help=False,
                      help="time to FID: a genfoundry recipe and diffusers' DDPM recipe trained for a wall-clock "
                           "budget on Fashion-MNIST, FID at marks (`genfoundry bench convergence --help`)")
+    bench.add_parser("sample", add_help=False,
+                     help="sampling: network passes/s and images/s for DiT-B/2 and DiT-XL/2 against diffusers' DiT "
+                          "pipeline, and FID per solver and NFE (`genfoundry bench sample --help`)")
     bench.add_parser("report", add_help=False,
                      help="time to build report.html and to draw it in headless Chromium for 1k-100k logged steps, "
                           "and its size, against TensorBoard loading the same run (its own options: --help)")
@@ -472,6 +475,11 @@ def main(argv: list[str] | None = None) -> int:
             from genfoundry.bench.convergence import main as bench_convergence
 
             bench_convergence(rest)  # its own options, parsed there
+            return 0
+        if args.command == "bench" and args.bench == "sample":
+            from genfoundry.bench.sample import main as bench_sample
+
+            bench_sample(rest)  # its own options, parsed there
             return 0
         if args.command == "bench" and args.bench == "report":
             from genfoundry.bench.report import main as bench_report

@@ -80,22 +80,24 @@ def generate(model, labels: torch.Tensor, indices, seed: int = 0, steps: int = 1
              guidance_schedule: str = "constant", compile: str = "none", shared: bool = False) -> torch.Tensor:
     """uint8 NHWC images for the given labels; image k uses noise (seed, indices[k]).
 
-    `precision` and `compile` choose the network's fast path (genfoundry.sampling.fast); the ODE state
-    stays in float32. `shift` 0 takes the resolution's. With `shared`, under a process group of several
+    `precision` and `compile` choose the network's fast path (genfoundry.sampling.fast); `model` may
+    also be a SamplingNetwork made once, whose own choices then stand. The ODE state stays in float32. `shift` 0 takes the resolution's. With `shared`, under a process group of several
     ranks, each rank makes its batches and the images are gathered: every rank returns all of them.
     `progress`: a bar over this rank's images (rank 0, on a terminal)."""
+    prepared = isinstance(model, SamplingNetwork)  # one made once for many calls keeps its compiled graphs
     arch = model.arch
-    device = torch.device(device or next(model.parameters()).device)
+    device = model.device if prepared else torch.device(device or next(model.parameters()).device)
     indices = torch.as_tensor(list(indices), dtype=torch.int64)
     if len(labels) != len(indices):
         raise ValueError(f"{len(labels)} labels for {len(indices)} images")
     shape = (arch.in_channels, arch.image_size, arch.image_size)
-    world = accel.world_size() if shared and accel.distributed() else 1
-    batches = rank_batches(len(indices), batch_size, accel.rank() if world > 1 else 0, world)
+    gathered = shared and accel.distributed()  # (a one-rank group gathers too: its collective is checked)
+    world = accel.world_size() if gathered else 1
+    batches = rank_batches(len(indices), batch_size, accel.rank() if gathered else 0, world)
     out = torch.empty((len(indices), *shape[1:], shape[0]), dtype=torch.uint8)
     if len(indices) == 0:
         return out
-    net = SamplingNetwork(model, device, precision, compile)
+    net = model if prepared else SamplingNetwork(model, device, precision, compile)
     shift = resolve_shift(shift, arch)
     with bar(sum(len(b) for b in batches), "sample", enabled=progress) as shown:
         for positions in batches:
@@ -109,7 +111,7 @@ def generate(model, labels: torch.Tensor, indices, seed: int = 0, steps: int = 1
                       schedule=schedule, shift=shift, guidance_schedule=guidance_schedule)
             out[positions.start:positions.stop] = to_uint8(x[:len(positions)])
             shown.update(len(positions))
-    return gather_batches(out, batch_size, world) if world > 1 else out
+    return gather_batches(out, batch_size, world) if gathered else out
 
 
 def gather_batches(out: torch.Tensor, batch_size: int, world: int) -> torch.Tensor:

@@ -1,0 +1,338 @@
+"""Sampling speed and quality: network passes/s, images/s and FID per solver and NFE.
+
+Speed (`--preset`, default DiT-B/2 and DiT-XL/2): random weights at the ImageNet-256 latent shape
+(32 x 32 x 4, 1,000 classes), a batch of `--batch-size` images with classifier-free guidance (both
+halves in one call). It times the network's forward passes per second eager under bf16 autocast (the
+path sampling took before), compiled alone (`torch.compile` of the network under autocast), and
+through genfoundry's sampling path (`genfoundry.sampling.fast.SamplingNetwork`); then `generate()`
+with DPM-Solver++(2M) at each `--nfe`. The baseline, in the same run: diffusers' DiTPipeline with a
+`DiTTransformer2DModel` of the same size in bf16 and its DPMSolverMultistepScheduler at the same
+number of steps, the VAE replaced by the identity (genfoundry's side has no VAE either).
+
+Quality (`--quality`): the reference Fashion-MNIST model, trained now by the fashion-mnist recipe for
+`--train-s` seconds (or an existing `--run`), scored with the convergence benchmark's protocol (5,000
+samples against 10,000 references, 32 px RGB) for each solver / schedule / NFE of `--configs`, with its
+images/s; and a grid of the same seeds at each NFE (`--grid`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from genfoundry import accel
+from genfoundry.checkpoint.storage import write_atomic
+from genfoundry.errors import ConfigError
+
+LATENT = dict(image_size=32, in_channels=4, num_classes=1000)
+DEFAULT_NFE = (10, 25)
+DEFAULT_CONFIGS = ("euler/uniform/50", "heun/uniform/49", "euler/uniform/16", "heun/uniform/15", "heun/karras/15",
+                   "dpm++2m/uniform/8", "dpm++2m/uniform/12", "dpm++2m/uniform/16",
+                   "dpm++2m/logsnr/8", "dpm++2m/logsnr/12", "dpm++2m/logsnr/16",
+                   "dpm++2m/shift/8", "dpm++2m/shift/12", "dpm++2m/shift/16")
+GRID_NFE = (4, 6, 8, 12, 16, 32)
+
+
+def _timed(fn, device, repeats: int) -> float:
+    """Seconds per call of fn(), after two untimed calls."""
+    for _ in range(2):
+        fn()
+    accel.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    accel.synchronize(device)
+    return (time.perf_counter() - t0) / repeats
+
+
+def forward_rates(model, device, batch: int, repeats: int, compile_alone: bool = True):
+    """Forward passes per second (images through the network) for a guided batch of 2 x `batch`, and
+    the SamplingNetwork that was timed."""
+    from genfoundry.sampling.fast import SamplingNetwork
+
+    a = model.arch
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(2 * batch, a.in_channels, a.image_size, a.image_size, device=device, generator=gen)
+    t = torch.rand(2 * batch, device=device, generator=gen)
+    y = torch.randint(0, a.num_classes + 1, (2 * batch,), device=device, generator=gen)
+    rates = {}
+
+    def under_autocast(net):
+        def call():
+            with torch.no_grad(), accel.autocast(device, "bf16"):
+                net(x, t, y)
+        return call
+
+    rates["eager_autocast"] = 2 * batch / _timed(under_autocast(model), device, repeats)
+    if compile_alone:
+        compiled = torch.compile(model)
+        rates["compiled_alone"] = 2 * batch / _timed(under_autocast(compiled), device, repeats)
+        del compiled
+        torch._dynamo.reset()
+    net = SamplingNetwork(model, device, "auto", "auto")
+    rates["genfoundry"] = 2 * batch / _timed(lambda: net(x, t, y), device, repeats)
+    rates["genfoundry_mode"] = f"{net.precision} weights, compile {net.mode}"
+    return rates, net
+
+
+class _IdentityVAE(torch.nn.Module):
+    """Stands in for the pipeline's VAE: the latents are the output, as on genfoundry's side."""
+
+    def __init__(self):
+        super().__init__()
+        from types import SimpleNamespace
+
+        self.config = SimpleNamespace(scaling_factor=1.0)
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # so that the pipeline finds its device
+
+    @property
+    def device(self) -> torch.device:
+        return self.anchor.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.anchor.dtype
+
+    def decode(self, latents):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(sample=latents)
+
+
+def diffusers_pipeline(arch, device, dtype=torch.bfloat16):
+    """DiTPipeline around a DiTTransformer2DModel of `arch`'s size (random weights, learned sigma as in
+    DiT) with DPMSolverMultistepScheduler (DPM-Solver++, order 2) in its default configuration."""
+    from diffusers import DiTPipeline, DiTTransformer2DModel, DPMSolverMultistepScheduler
+
+    transformer = DiTTransformer2DModel(
+        num_attention_heads=arch.num_heads, attention_head_dim=arch.hidden_size // arch.num_heads,
+        in_channels=arch.in_channels, out_channels=2 * arch.in_channels, num_layers=arch.depth,
+        sample_size=arch.image_size, patch_size=arch.patch_size, num_embeds_ada_norm=arch.num_classes)
+    pipe = DiTPipeline(transformer=transformer.to(device, dtype).eval(), vae=_IdentityVAE().to(device),
+                       scheduler=DPMSolverMultistepScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def speed(preset: str, device, batch: int, nfes, cfg_scale: float, repeats: int, baseline: bool,
+          compile_alone: bool, print_fn=print) -> dict:
+    from genfoundry.models import build_model
+    from genfoundry.sampling import generate
+
+    torch.manual_seed(0)
+    model = build_model(preset, **LATENT).to(device).eval()
+    row = {"preset": preset, "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "batch": batch,
+           "cfg_scale": cfg_scale, "shape": "32x32x4, 1000 classes", "gflops_per_pass": model.flops_per_forward() / 1e9}
+    t0 = time.perf_counter()
+    rates, net = forward_rates(model, device, batch, repeats, compile_alone)
+    row["forward_passes_per_s"] = rates
+    peak = accel.peak_flops(device, "bf16")
+    if peak:
+        row["genfoundry_mfu"] = rates["genfoundry"] * model.flops_per_forward() / peak
+    print_fn(f"{preset}: forward passes/s " + ", ".join(f"{k} {v:,.0f}" if isinstance(v, float) else f"{k} {v}"
+                                                         for k, v in rates.items()))
+    labels = torch.randint(0, 1000, (batch,), generator=torch.Generator().manual_seed(1))
+    row["images_per_s"], row["baseline_images_per_s"] = {}, {}
+    generate(net, labels, range(batch), steps=2, sampler="dpm++2m", cfg_scale=cfg_scale, batch_size=batch,
+             progress=False)  # builds the graphs
+    for nfe in nfes:
+        seconds = _timed(lambda: generate(net, labels, range(batch), steps=nfe, sampler="dpm++2m", cfg_scale=cfg_scale,
+                                          batch_size=batch, progress=False), device, 1)
+        row["images_per_s"][str(nfe)] = batch / seconds
+    net = None  # its graphs go before the baseline runs
+    torch._dynamo.reset()
+    if baseline:
+        pipe = diffusers_pipeline(model.arch, device)
+        classes = labels.tolist()
+        for nfe in nfes:
+            seconds = _timed(lambda: pipe(classes, guidance_scale=cfg_scale, num_inference_steps=nfe,
+                                          output_type="pt"), device, 1)
+            row["baseline_images_per_s"][str(nfe)] = batch / seconds
+        pipe = None
+    row["wall_s"] = time.perf_counter() - t0
+    for nfe in nfes:
+        ours, theirs = row["images_per_s"][str(nfe)], row["baseline_images_per_s"].get(str(nfe))
+        print_fn(f"{preset} NFE {nfe}: genfoundry {ours:,.1f} images/s" + (
+            f", diffusers {theirs:,.1f} ({ours / theirs:.2f}x)" if theirs else ""))
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def parse_config(text: str) -> tuple[str, str, int]:
+    """'solver/schedule/nfe' -> (solver, schedule, steps)."""
+    from genfoundry.sampling.solvers import SCHEDULES, SOLVERS, steps_for
+
+    parts = text.split("/")
+    if len(parts) != 3 or parts[0] not in SOLVERS or parts[1] not in SCHEDULES or not parts[2].isdigit():
+        raise ConfigError(f"--configs takes solver/schedule/nfe with a solver of {', '.join(SOLVERS)} and a "
+                          f"schedule of {', '.join(SCHEDULES)}, e.g. dpm++2m/logsnr/12; got '{text}'")
+    return parts[0], parts[1], steps_for(parts[0], int(parts[2]))
+
+
+def reference_model(run: str | None, train_s: float, device, root: str, print_fn=print):
+    """The EMA of `run`, or of a fashion-mnist recipe run trained now for `train_s` seconds; with its
+    [sample] section."""
+    from genfoundry import api
+    from genfoundry import config as config_lib
+
+    if run is None:
+        cfg = config_lib.load("fashion-mnist", {"train.steps": 10**9, "train.time_budget_s": train_s,
+                                                "train.sample_every": 0, "checkpoint.full_every": 0,
+                                                "train.tensorboard": False, "run.root": root, "run.name": "reference",
+                                                "run.device": str(device)})
+        t0 = time.perf_counter()
+        api.train(cfg, print_fn=lambda *a, **k: None)
+        print_fn(f"reference model: fashion-mnist recipe, {train_s:g} s of training ({time.perf_counter() - t0:.0f} s "
+                 f"wall clock)")
+        run = str(api.run_dir_of(cfg))
+    model, meta = api.load_trained(run, "ema", str(device), print_fn=lambda *a: None)
+    return model, meta, api.run_config(run).sample
+
+
+def quality(run, train_s, configs, device, samples: int, references: int, grid_path, grid_solver: str,
+            print_fn=print, result: dict | None = None, saved=lambda: None) -> dict:
+    from genfoundry.api import balanced_labels
+    from genfoundry.bench.convergence import Protocol
+    from genfoundry.sampling import generate
+    from genfoundry.sampling.fast import SamplingNetwork
+    from genfoundry.sampling.solvers import SOLVERS
+
+    result = {} if result is None else result
+    protocol = Protocol(device, samples, references)
+    with tempfile.TemporaryDirectory(prefix="genfoundry-bench-sample-") as root:
+        model, meta, sc = reference_model(run, train_s, device, root, print_fn)
+    net = SamplingNetwork(model, device, sc.precision, sc.compile)
+    k = len(meta["class_names"])
+    labels = balanced_labels(samples, k)
+    settings = dict(cfg_scale=sc.cfg_scale, guidance_interval=(sc.guidance_min_t, sc.guidance_max_t), seed=sc.seed,
+                    batch_size=sc.batch_size, progress=False)
+    result.update(protocol=protocol.describe(), model={"run": run or f"fashion-mnist recipe, {train_s:g} s",
+                                                       "step": meta["step"], "arch": meta["arch"]},
+                  network=f"{net.precision} weights, compile {net.mode}", cfg_scale=sc.cfg_scale, rows=[])
+    warm = min(samples, sc.batch_size)
+    generate(net, labels[:warm], range(warm), steps=2, sampler="euler", **settings)  # builds the graphs
+    for text in configs:
+        solver, schedule, steps = parse_config(text)
+        accel.synchronize(device)
+        t0 = time.perf_counter()
+        images = generate(net, labels, range(samples), steps=steps, sampler=solver, schedule=schedule, **settings)
+        sample_s = time.perf_counter() - t0
+        fid = protocol.fid(images)
+        row = {"solver": solver, "schedule": schedule, "steps": steps, "nfe": SOLVERS[solver].evaluations(steps),
+               "fid": fid, "images_per_s": samples / sample_s}
+        result["rows"].append(row)
+        print_fn(f"{solver:8s} {schedule:8s} NFE {row['nfe']:3d}: FID {fid:7.2f}, {row['images_per_s']:,.0f} images/s")
+        saved()
+    if grid_path:
+        result["grid"] = {"path": str(grid_path), "solver": grid_solver, "nfe": list(GRID_NFE)}
+        draw_grid(net, k, grid_solver, settings, grid_path)
+        print_fn(f"grid: {grid_path}")
+    return result
+
+
+def draw_grid(net, num_classes: int, solver_schedule: str, settings: dict, path) -> None:
+    """One row per NFE of GRID_NFE, the same seeds and labels (two per class) in every row."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from genfoundry.sampling import generate, grid
+    from genfoundry.sampling.solvers import steps_for
+
+    solver, schedule = solver_schedule.split("/")
+    labels = torch.arange(num_classes).repeat(2)
+    rows = []
+    for nfe in GRID_NFE:
+        images = generate(net, labels, range(len(labels)), steps=steps_for(solver, nfe), sampler=solver,
+                          schedule=schedule, **settings)
+        rows.append(grid(images, rows=1).numpy())
+    body = np.concatenate(rows, axis=0)
+    body = np.repeat(np.repeat(body, 3, axis=0), 3, axis=1)  # 3x, so that the digits read on a page
+    if body.shape[2] == 1:
+        body = np.repeat(body, 3, axis=2)
+    margin = 70
+    canvas = Image.new("RGB", (body.shape[1] + margin, body.shape[0]), "white")
+    canvas.paste(Image.fromarray(body), (margin, 0))
+    draw = ImageDraw.Draw(canvas)
+    row_h = body.shape[0] // len(GRID_NFE)
+    for i, nfe in enumerate(GRID_NFE):
+        draw.text((6, i * row_h + row_h // 2 - 6), f"NFE {nfe}", fill="black")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    import io
+
+    buffer = io.BytesIO()
+    canvas.save(buffer, format="PNG")
+    write_atomic(path, buffer.getvalue())
+
+
+def run(presets=("DiT-B/2", "DiT-XL/2"), batch: int = 256, nfes=DEFAULT_NFE, cfg_scale: float = 1.5,
+        repeats: int = 10, baseline: bool = True, compile_alone: bool = True, quality_run: str | None = None,
+        do_quality: bool = False, train_s: float = 150.0, configs=DEFAULT_CONFIGS, samples: int = 5000,
+        references: int = 10000, grid_path: str | None = None, grid_solver: str = "dpm++2m/logsnr",
+        device: str = "auto", out: str | None = None, print_fn=print) -> dict:
+    dev = accel.get_device(device)
+    for text in configs if do_quality else ():
+        parse_config(text)  # a typo fails before any work
+    result = {"format_version": 1, "benchmark": "sample", "device": accel.device_name(dev), "torch": torch.__version__,
+              "speed": [], "quality": None}
+
+    def save():
+        if out:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(Path(out), json.dumps(result, indent=2).encode())
+
+    for preset in presets:
+        result["speed"].append(speed(preset, dev, batch, nfes, cfg_scale, repeats, baseline, compile_alone, print_fn))
+        save()
+    if do_quality:
+        result["quality"] = {}
+        quality(quality_run, train_s, configs, dev, samples, references, grid_path, grid_solver, print_fn,
+                result["quality"], save)
+    save()
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="genfoundry bench sample", description=__doc__.splitlines()[0],
+                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", action="append", help="network for the speed part, repeatable (default: DiT-B/2 and "
+                                                     "DiT-XL/2); --no-speed skips it")
+    p.add_argument("--no-speed", action="store_true", help="skip the speed part")
+    p.add_argument("--batch-size", type=int, default=256, help="images per batch, guided (default: 256)")
+    p.add_argument("--nfe", default=",".join(map(str, DEFAULT_NFE)),
+                   help="solver steps for the images/s of generate() and the baseline, comma-separated (default: 10,25)")
+    p.add_argument("--cfg-scale", type=float, default=1.5, help="guidance weight of the speed part (default: 1.5)")
+    p.add_argument("--repeats", type=int, default=10, help="timed network calls per forward-pass rate (default: 10)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the diffusers pipeline")
+    p.add_argument("--no-compile-alone", action="store_true", help="skip the compiled-alone network rate")
+    p.add_argument("--quality", action="store_true", help="also the FID part on the reference Fashion-MNIST model")
+    p.add_argument("--run", help="score this run's EMA instead of training the reference model")
+    p.add_argument("--train-s", type=float, default=150.0,
+                   help="training seconds of the reference model (default: 150)")
+    p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
+                   help="solver/schedule/nfe triples to score, comma-separated (default: a table of euler, heun and "
+                        "dpm++2m on every schedule at 8 to 50 evaluations)")
+    p.add_argument("--samples", type=int, default=5000, help="generated images per FID (default: 5000)")
+    p.add_argument("--references", type=int, default=10000, help="reference images (default: 10000)")
+    p.add_argument("--grid", help="write a grid of the same seeds at each NFE to this PNG")
+    p.add_argument("--grid-solver", default="dpm++2m/logsnr", help="solver/schedule of the grid (default: dpm++2m/logsnr)")
+    p.add_argument("--device", default="auto", help="device (default: auto)")
+    p.add_argument("--out", default="benchmarks/results/sample.json", help="JSON results")
+    args = p.parse_args(argv)
+    try:
+        nfes = [int(n) for n in args.nfe.split(",") if n.strip()]
+    except ValueError:
+        raise ConfigError(f"--nfe takes integers separated by commas, got '{args.nfe}'") from None
+    if not nfes or min(nfes) < 1 or args.batch_size < 1 or args.repeats < 1:
+        raise ConfigError("--nfe, --batch-size and --repeats must be positive")
+    presets = [] if args.no_speed else (args.preset or ["DiT-B/2", "DiT-XL/2"])
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    return run(presets, args.batch_size, nfes, args.cfg_scale, args.repeats, not args.no_baseline,
+               not args.no_compile_alone, args.run, args.quality, args.train_s, configs, args.samples, args.references,
+               args.grid, args.grid_solver, args.device, args.out)
