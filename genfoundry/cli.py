@@ -91,8 +91,9 @@ def _solver_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--guidance-schedule", choices=list(GUIDANCE_SCHEDULES),
                    help="how the guidance weight varies with t, with the same mean: constant, linear "
                         "(none at noise, most at the data), cosine")
-    g.add_argument("--precision", choices=list(config_lib.PRECISIONS),
-                   help="network precision; auto: bf16 on a CUDA GPU that has it, else fp32")
+    g.add_argument("--precision", choices=list(config_lib.SAMPLE_PRECISIONS),
+                   help="network precision; auto: bf16 on a CUDA GPU that has it, else fp32; fp8: float8 matrix "
+                        "products in the transformer blocks (GPUs of compute capability 8.9 and later)")
     g.add_argument("--compile", choices=list(config_lib.SAMPLE_COMPILE),
                    help="auto: CUDA graphs of the compiled network on CUDA, compiled on other accelerators, "
                         "eager on a CPU")

@@ -22,6 +22,7 @@ from genfoundry.sampling.solvers import GUIDANCE_SCHEDULES, SCHEDULES, SOLVERS
 
 FORMAT_VERSION = 1
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+SAMPLE_PRECISIONS = PRECISIONS + ("fp8",)  # fp8: float8 matrix products in the blocks (genfoundry.sampling.fast)
 SAMPLE_COMPILE = ("auto", "none", "compile", "graphs")
 
 
@@ -241,13 +242,14 @@ class SampleConfig:
     batch_size: int = 256        # images per network call
     seed: int = 0                # base seed; image i uses noise from (seed, i)
     precision: str = "auto"      # network precision while sampling: auto (bf16 on a CUDA GPU that has it,
-                                 # else fp32) | fp32 | bf16 | fp16; weights are cast once, not autocast
+                                 # else fp32) | fp32 | bf16 | fp16 | fp8 (float8 products in the blocks, on
+                                 # GPUs of compute capability 8.9+); weights are cast once, not autocast
     compile: str = "auto"        # auto (graphs on CUDA, compile on other accelerators, none on a CPU) |
                                  # none | compile | graphs (torch.compile replayed as CUDA graphs)
 
     def __post_init__(self):
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"sample.precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
+        if self.precision not in SAMPLE_PRECISIONS:
+            raise ConfigError(f"sample.precision must be one of {', '.join(SAMPLE_PRECISIONS)}, got '{self.precision}'")
         if self.compile not in SAMPLE_COMPILE:
             raise ConfigError(f"sample.compile must be one of {', '.join(SAMPLE_COMPILE)}, got '{self.compile}'")
         for key, names in (("sampler", SOLVERS), ("schedule", SCHEDULES), ("guidance_schedule", GUIDANCE_SCHEDULES)):

@@ -93,3 +93,28 @@ def test_automatic_choices_per_device():
     assert resolve_compile("graphs", torch.device("cpu")) == "compile"  # CUDA graphs need CUDA
     with pytest.raises(ValueError, match="unknown sampling compile mode"):
         resolve_compile("fast", torch.device("cpu"))
+
+
+def test_fp8_products_stay_close_to_fp32(model):
+    """Float8 (e4m3) products with per-row scales: the blocks' linears are replaced, the rest stays."""
+    from genfoundry.sampling.fast import Float8Linear, SamplingNetwork
+
+    x, t, y = torch.randn(4, 1, 28, 28), torch.rand(4), torch.tensor([0, 1, 2, 10])
+    ref = SamplingNetwork(model, "cpu", "fp32")(x, t, y)
+    bf16 = SamplingNetwork(model, "cpu", "bf16")(x, t, y)
+    net = SamplingNetwork(model, "cpu", "fp8")
+    replaced = [m for m in net.net.modules() if isinstance(m, Float8Linear)]
+    assert len(replaced) == 5 * model.arch.depth  # qkv, proj, two MLP layers and adaLN per block
+    assert replaced[0].weight.dtype == torch.float8_e4m3fn
+    low = net(x, t, y)
+    err, bf16_err = (low - ref).abs().mean(), (bf16 - ref).abs().mean()
+    assert err < 3 * bf16_err + 1e-4 and err < 0.05 * ref.abs().mean()
+
+
+def test_fp8_refused_where_there_are_no_float8_products(model, monkeypatch):
+    from genfoundry.errors import ConfigError
+    from genfoundry.sampling import fast
+
+    monkeypatch.setattr(fast, "float8_supported", lambda device: False)
+    with pytest.raises(ConfigError, match="fp8 needs float8 matrix products"):
+        fast.SamplingNetwork(model, "cpu", "fp8")

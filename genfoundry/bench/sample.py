@@ -27,6 +27,7 @@ import torch
 
 from genfoundry import accel
 from genfoundry.checkpoint.storage import write_atomic
+from genfoundry.config import SAMPLE_PRECISIONS
 from genfoundry.errors import ConfigError
 
 LATENT = dict(image_size=32, in_channels=4, num_classes=1000)
@@ -50,17 +51,19 @@ def _timed(fn, device, repeats: int, warm: int = 2) -> float:
     return (time.perf_counter() - t0) / repeats
 
 
-def forward_rates(model, device, batch: int, repeats: int, compile_alone: bool = True):
-    """Forward passes per second (images through the network) for a guided batch of 2 x `batch`, and
-    the SamplingNetwork that was timed."""
-    from genfoundry.sampling.fast import SamplingNetwork
-
-    a = model.arch
+def guided_inputs(arch, device, batch: int):
+    """Random (x, t, y) for a guided batch: 2 x `batch` rows."""
     gen = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(2 * batch, a.in_channels, a.image_size, a.image_size, device=device, generator=gen)
+    x = torch.randn(2 * batch, arch.in_channels, arch.image_size, arch.image_size, device=device, generator=gen)
     t = torch.rand(2 * batch, device=device, generator=gen)
-    y = torch.randint(0, a.num_classes + 1, (2 * batch,), device=device, generator=gen)
-    rates = {}
+    y = torch.randint(0, arch.num_classes + 1, (2 * batch,), device=device, generator=gen)
+    return x, t, y
+
+
+def autocast_rates(model, device, batch: int, repeats: int, compile_alone: bool = True) -> dict:
+    """Forward passes per second (images through the network) of the fp32 model under bf16 autocast, eager
+    and (`compile_alone`) compiled, for a guided batch of 2 x `batch`."""
+    x, t, y = guided_inputs(model.arch, device, batch)
 
     def under_autocast(net):
         def call():
@@ -68,16 +71,13 @@ def forward_rates(model, device, batch: int, repeats: int, compile_alone: bool =
                 net(x, t, y)
         return call
 
-    rates["eager_autocast"] = 2 * batch / _timed(under_autocast(model), device, repeats)
+    rates = {"eager_autocast": 2 * batch / _timed(under_autocast(model), device, repeats)}
     if compile_alone:
         compiled = torch.compile(model)
         rates["compiled_alone"] = 2 * batch / _timed(under_autocast(compiled), device, repeats)
         del compiled
         torch._dynamo.reset()
-    net = SamplingNetwork(model, device, "auto", "auto")
-    rates["genfoundry"] = 2 * batch / _timed(lambda: net(x, t, y), device, repeats)
-    rates["genfoundry_mode"] = f"{net.precision} weights, compile {net.mode}"
-    return rates, net
+    return rates
 
 
 class _IdentityVAE(torch.nn.Module):
@@ -120,32 +120,40 @@ def diffusers_pipeline(arch, device, dtype=torch.bfloat16):
 
 
 def speed(preset: str, device, batch: int, nfes, cfg_scale: float, repeats: int, baseline: bool,
-          compile_alone: bool, print_fn=print) -> dict:
+          compile_alone: bool, precisions=("auto",), baseline_compiled: bool = False, print_fn=print) -> dict:
     from genfoundry.models import build_model
     from genfoundry.sampling import generate
+    from genfoundry.sampling.fast import SamplingNetwork
 
     torch.manual_seed(0)
     model = build_model(preset, **LATENT).to(device).eval()
+    flops = model.flops_per_forward()
     row = {"preset": preset, "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "batch": batch,
-           "cfg_scale": cfg_scale, "shape": "32x32x4, 1000 classes", "gflops_per_pass": model.flops_per_forward() / 1e9}
+           "cfg_scale": cfg_scale, "shape": "32x32x4, 1000 classes", "gflops_per_pass": flops / 1e9,
+           "solver": "dpm++2m, uniform grid", "images_per_s": {}, "baseline_images_per_s": {}}
     t0 = time.perf_counter()
-    rates, net = forward_rates(model, device, batch, repeats, compile_alone)
+    rates = autocast_rates(model, device, batch, repeats, compile_alone)
     row["forward_passes_per_s"] = rates
+    x, t, y = guided_inputs(model.arch, device, batch)
+    labels = torch.randint(0, 1000, (batch,), generator=torch.Generator().manual_seed(1))
+    for precision in precisions:
+        net = SamplingNetwork(model, device, precision, "auto")
+        name = f"genfoundry_{net.precision}"
+        rates[name] = 2 * batch / _timed(lambda: net(x, t, y), device, repeats)
+        row.setdefault("modes", {})[name] = f"{net.precision} weights, compile {net.mode}"
+        generate(net, labels, range(batch), steps=2, sampler="dpm++2m", cfg_scale=cfg_scale, batch_size=batch,
+                 progress=False)  # builds the graphs
+        row["images_per_s"][net.precision] = {}
+        for nfe in nfes:
+            seconds = _timed(lambda: generate(net, labels, range(batch), steps=nfe, sampler="dpm++2m",
+                                              cfg_scale=cfg_scale, batch_size=batch, progress=False), device, 1, warm=0)
+            row["images_per_s"][net.precision][str(nfe)] = batch / seconds
+        net = None  # its graphs go before the next runs
+        torch._dynamo.reset()
     peak = accel.peak_flops(device, "bf16")
     if peak:
-        row["genfoundry_mfu"] = rates["genfoundry"] * model.flops_per_forward() / peak
-    print_fn(f"{preset}: forward passes/s " + ", ".join(f"{k} {v:,.0f}" if isinstance(v, float) else f"{k} {v}"
-                                                         for k, v in rates.items()))
-    labels = torch.randint(0, 1000, (batch,), generator=torch.Generator().manual_seed(1))
-    row["images_per_s"], row["baseline_images_per_s"] = {}, {}
-    generate(net, labels, range(batch), steps=2, sampler="dpm++2m", cfg_scale=cfg_scale, batch_size=batch,
-             progress=False)  # builds the graphs
-    for nfe in nfes:
-        seconds = _timed(lambda: generate(net, labels, range(batch), steps=nfe, sampler="dpm++2m", cfg_scale=cfg_scale,
-                                          batch_size=batch, progress=False), device, 1, warm=0)
-        row["images_per_s"][str(nfe)] = batch / seconds
-    net = None  # its graphs go before the baseline runs
-    torch._dynamo.reset()
+        row["mfu_bf16_peak"] = {k: v * flops / peak for k, v in rates.items()}
+    print_fn(f"{preset}: forward passes/s " + ", ".join(f"{k} {v:,.0f}" for k, v in rates.items()))
     if baseline:
         pipe = diffusers_pipeline(model.arch, device)
         classes = labels.tolist()
@@ -153,12 +161,24 @@ def speed(preset: str, device, batch: int, nfes, cfg_scale: float, repeats: int,
             seconds = _timed(lambda: pipe(classes, guidance_scale=cfg_scale, num_inference_steps=nfe,
                                           output_type="pt"), device, 1, warm=1 if nfe == nfes[0] else 0)
             row["baseline_images_per_s"][str(nfe)] = batch / seconds
+        if baseline_compiled:  # what a diffusers user gets from compiling the transformer, at the first NFE
+            pipe.transformer = torch.compile(pipe.transformer)
+            nfe = nfes[0]
+            seconds = _timed(lambda: pipe(classes, guidance_scale=cfg_scale, num_inference_steps=nfe,
+                                          output_type="pt"), device, 1, warm=1)
+            row["baseline_compiled_images_per_s"] = {str(nfe): batch / seconds}
+            torch._dynamo.reset()
         pipe = None
     row["wall_s"] = time.perf_counter() - t0
     for nfe in nfes:
-        ours, theirs = row["images_per_s"][str(nfe)], row["baseline_images_per_s"].get(str(nfe))
-        print_fn(f"{preset} NFE {nfe}: genfoundry {ours:,.1f} images/s" + (
-            f", diffusers {theirs:,.1f} ({ours / theirs:.2f}x)" if theirs else ""))
+        theirs = row["baseline_images_per_s"].get(str(nfe))
+        for precision, by_nfe in row["images_per_s"].items():
+            ours = by_nfe[str(nfe)]
+            print_fn(f"{preset} NFE {nfe}: genfoundry {precision} {ours:,.1f} images/s" + (
+                f", diffusers {theirs:,.1f} ({ours / theirs:.2f}x)" if theirs else ""))
+    if "baseline_compiled_images_per_s" in row:
+        print_fn(f"{preset} NFE {nfes[0]}: diffusers with its transformer compiled "
+                 f"{row['baseline_compiled_images_per_s'][str(nfes[0])]:,.1f} images/s")
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
@@ -272,7 +292,8 @@ def draw_grid(net, num_classes: int, solver_schedule: str, settings: dict, path)
 
 
 def run(presets=("DiT-B/2", "DiT-XL/2"), batch: int = 256, nfes=DEFAULT_NFE, cfg_scale: float = 1.5,
-        repeats: int = 10, baseline: bool = True, compile_alone: bool = True, quality_run: str | None = None,
+        repeats: int = 10, baseline: bool = True, compile_alone: bool = True, precisions=("auto",),
+        baseline_compiled: bool = False, quality_run: str | None = None,
         do_quality: bool = False, train_s: float = 150.0, configs=DEFAULT_CONFIGS, samples: int = 5000,
         references: int = 10000, grid_path: str | None = None, grid_solver: str = "dpm++2m/logsnr",
         device: str = "auto", out: str | None = None, print_fn=print) -> dict:
@@ -288,7 +309,8 @@ def run(presets=("DiT-B/2", "DiT-XL/2"), batch: int = 256, nfes=DEFAULT_NFE, cfg
             write_atomic(Path(out), json.dumps(result, indent=2).encode())
 
     for preset in presets:
-        result["speed"].append(speed(preset, dev, batch, nfes, cfg_scale, repeats, baseline, compile_alone, print_fn))
+        result["speed"].append(speed(preset, dev, batch, nfes, cfg_scale, repeats, baseline, compile_alone, precisions,
+                                     baseline_compiled, print_fn))
         save()
     if do_quality:
         result["quality"] = {}
@@ -311,6 +333,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=10, help="timed network calls per forward-pass rate (default: 10)")
     p.add_argument("--no-baseline", action="store_true", help="skip the diffusers pipeline")
     p.add_argument("--no-compile-alone", action="store_true", help="skip the compiled-alone network rate")
+    p.add_argument("--precision", action="append", choices=list(SAMPLE_PRECISIONS),
+                   help="sampling precision of genfoundry's side, repeatable (default: auto; fp8 needs a GPU of "
+                        "compute capability 8.9 or later)")
+    p.add_argument("--baseline-compiled", action="store_true",
+                   help="also time the diffusers pipeline with its transformer compiled, at the first --nfe")
     p.add_argument("--quality", action="store_true", help="also the FID part on the reference Fashion-MNIST model")
     p.add_argument("--run", help="score this run's EMA instead of training the reference model")
     p.add_argument("--train-s", type=float, default=150.0,
@@ -334,5 +361,5 @@ def main(argv: list[str] | None = None) -> dict:
     presets = [] if args.no_speed else (args.preset or ["DiT-B/2", "DiT-XL/2"])
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     return run(presets, args.batch_size, nfes, args.cfg_scale, args.repeats, not args.no_baseline,
-               not args.no_compile_alone, args.run, args.quality, args.train_s, configs, args.samples, args.references,
+               not args.no_compile_alone, args.precision or ["auto"], args.baseline_compiled, args.run, args.quality, args.train_s, configs, args.samples, args.references,
                args.grid, args.grid_solver, args.device, args.out)
