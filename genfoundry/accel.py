@@ -206,6 +206,17 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum", group=None) -> torch.Tenso
     return work
 
 
+def all_gather(tensor: torch.Tensor, group=None) -> list[torch.Tensor]:
+    """Every rank's `tensor` (the same shape on all), in rank order, on the communication device; a
+    rank alone gets its own."""
+    if not distributed():
+        return [tensor]
+    work = tensor.to(comm_device(group))
+    parts = [torch.empty_like(work) for _ in range(torch.distributed.get_world_size(group))]
+    torch.distributed.all_gather(parts, work, group=group)
+    return parts
+
+
 def broadcast_int(value: int, src: int = 0) -> int:
     """Rank `src`'s value on every rank (a value alone when running alone)."""
     if not distributed():

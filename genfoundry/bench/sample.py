@@ -32,10 +32,11 @@ from genfoundry.errors import ConfigError
 
 LATENT = dict(image_size=32, in_channels=4, num_classes=1000)
 DEFAULT_NFE = (10, 25)
-DEFAULT_CONFIGS = ("euler/uniform/50", "heun/uniform/49", "euler/uniform/16", "heun/uniform/15", "heun/karras/15",
-                   "dpm++2m/uniform/8", "dpm++2m/uniform/12", "dpm++2m/uniform/16",
-                   "dpm++2m/logsnr/8", "dpm++2m/logsnr/12", "dpm++2m/logsnr/16",
-                   "dpm++2m/shift/8", "dpm++2m/shift/12", "dpm++2m/shift/16")
+DEFAULT_CONFIGS = ("euler/uniform/50", "heun/uniform/49", "heun/uniform/31", "dpm++2m/logsnr/50", "euler/uniform/16",
+                   "heun/karras/15", "dpm++2m/uniform/8", "dpm++2m/uniform/12", "dpm++2m/uniform/16",
+                   "dpm++2m/logsnr/8", "dpm++2m/logsnr/12", "dpm++2m/logsnr/16", "dpm++2m/shift/8", "dpm++2m/shift/12",
+                   "dpm++2m/karras/12", "dpm++2m/logsnr/12/guidance=linear", "dpm++2m/logsnr/12/guidance=cosine",
+                   "dpm++2m/logsnr/12/precision=fp8")
 GRID_NFE = (4, 6, 8, 12, 16, 32)
 
 
@@ -184,15 +185,34 @@ def speed(preset: str, device, batch: int, nfes, cfg_scale: float, repeats: int,
     return row
 
 
-def parse_config(text: str) -> tuple[str, str, int]:
-    """'solver/schedule/nfe' -> (solver, schedule, steps)."""
-    from genfoundry.sampling.solvers import SCHEDULES, SOLVERS, steps_for
+CONFIG_OPTIONS = {"precision": str, "guidance": str, "shift": float, "cfg": float}
+
+
+def parse_config(text: str) -> tuple[str, str, int, dict]:
+    """'solver/schedule/nfe[/key=value...]' -> (solver, schedule, steps, options); the options are
+    precision=, guidance= (a guidance schedule), shift= and cfg= (the guidance weight)."""
+    from genfoundry.config import SAMPLE_PRECISIONS
+    from genfoundry.sampling.solvers import GUIDANCE_SCHEDULES, SCHEDULES, SOLVERS, steps_for
 
     parts = text.split("/")
-    if len(parts) != 3 or parts[0] not in SOLVERS or parts[1] not in SCHEDULES or not parts[2].isdigit():
-        raise ConfigError(f"--configs takes solver/schedule/nfe with a solver of {', '.join(SOLVERS)} and a "
-                          f"schedule of {', '.join(SCHEDULES)}, e.g. dpm++2m/logsnr/12; got '{text}'")
-    return parts[0], parts[1], steps_for(parts[0], int(parts[2]))
+    bad = ConfigError(f"--configs takes solver/schedule/nfe[/key=value...] with a solver of {', '.join(SOLVERS)}, a "
+                      f"schedule of {', '.join(SCHEDULES)} and keys {', '.join(CONFIG_OPTIONS)}, e.g. "
+                      f"dpm++2m/logsnr/12/precision=fp8; got '{text}'")
+    if len(parts) < 3 or parts[0] not in SOLVERS or parts[1] not in SCHEDULES or not parts[2].isdigit():
+        raise bad
+    options = {}
+    for part in parts[3:]:
+        key, _, value = part.partition("=")
+        if key not in CONFIG_OPTIONS or not value:
+            raise bad
+        try:
+            options[key] = CONFIG_OPTIONS[key](value)
+        except ValueError:
+            raise bad from None
+    if options.get("precision", "auto") not in SAMPLE_PRECISIONS or options.get("guidance", "constant") not in \
+            GUIDANCE_SCHEDULES:
+        raise bad
+    return parts[0], parts[1], steps_for(parts[0], int(parts[2])), options
 
 
 def reference_model(run: str | None, train_s: float, device, root: str, print_fn=print):
@@ -227,7 +247,8 @@ def quality(run, train_s, configs, device, samples: int, references: int, grid_p
     protocol = Protocol(device, samples, references)
     with tempfile.TemporaryDirectory(prefix="genfoundry-bench-sample-") as root:
         model, meta, sc = reference_model(run, train_s, device, root, print_fn)
-    net = SamplingNetwork(model, device, sc.precision, sc.compile)
+    nets = {sc.precision: SamplingNetwork(model, device, sc.precision, sc.compile)}
+    net = nets[sc.precision]
     k = len(meta["class_names"])
     labels = balanced_labels(samples, k)
     settings = dict(cfg_scale=sc.cfg_scale, guidance_interval=(sc.guidance_min_t, sc.guidance_max_t), seed=sc.seed,
@@ -235,19 +256,33 @@ def quality(run, train_s, configs, device, samples: int, references: int, grid_p
     result.update(protocol=protocol.describe(), model={"run": run or f"fashion-mnist recipe, {train_s:g} s",
                                                        "step": meta["step"], "arch": meta["arch"]},
                   network=f"{net.precision} weights, compile {net.mode}", cfg_scale=sc.cfg_scale, rows=[])
-    warm = min(samples, sc.batch_size)
-    generate(net, labels[:warm], range(warm), steps=2, sampler="euler", **settings)  # builds the graphs
+
+    def network(precision: str):
+        if precision not in nets:
+            nets[precision] = SamplingNetwork(model, device, precision, sc.compile)
+        if not getattr(nets[precision], "warm", False):
+            warm = min(samples, sc.batch_size)
+            generate(nets[precision], labels[:warm], range(warm), steps=2, sampler="euler", **settings)  # graphs
+            nets[precision].warm = True
+        return nets[precision]
+
     for text in configs:
-        solver, schedule, steps = parse_config(text)
+        solver, schedule, steps, options = parse_config(text)
+        use = network(options.get("precision", sc.precision))
+        run_settings = {**settings, "cfg_scale": options.get("cfg", sc.cfg_scale)}
         accel.synchronize(device)
         t0 = time.perf_counter()
-        images = generate(net, labels, range(samples), steps=steps, sampler=solver, schedule=schedule, **settings)
+        images = generate(use, labels, range(samples), steps=steps, sampler=solver, schedule=schedule,
+                          shift=options.get("shift", sc.shift), guidance_schedule=options.get("guidance", "constant"),
+                          **run_settings)
         sample_s = time.perf_counter() - t0
         fid = protocol.fid(images)
-        row = {"solver": solver, "schedule": schedule, "steps": steps, "nfe": SOLVERS[solver].evaluations(steps),
+        row = {"config": text, "solver": solver, "schedule": schedule, "steps": steps,
+               "nfe": SOLVERS[solver].evaluations(steps), "precision": use.precision,
+               "guidance_schedule": options.get("guidance", "constant"), "cfg_scale": run_settings["cfg_scale"],
                "fid": fid, "images_per_s": samples / sample_s}
         result["rows"].append(row)
-        print_fn(f"{solver:8s} {schedule:8s} NFE {row['nfe']:3d}: FID {fid:7.2f}, {row['images_per_s']:,.0f} images/s")
+        print_fn(f"{text:34s} NFE {row['nfe']:3d}: FID {fid:7.2f}, {row['images_per_s']:,.0f} images/s", flush=True)
         saved()
     if grid_path:
         result["grid"] = {"path": str(grid_path), "solver": grid_solver, "nfe": list(GRID_NFE)}
@@ -343,8 +378,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--train-s", type=float, default=150.0,
                    help="training seconds of the reference model (default: 150)")
     p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
-                   help="solver/schedule/nfe triples to score, comma-separated (default: a table of euler, heun and "
-                        "dpm++2m on every schedule at 8 to 50 evaluations)")
+                   help="solver/schedule/nfe[/key=value...] to score, comma-separated, with keys precision=, "
+                        "guidance= (a guidance schedule), shift= and cfg= (default: euler, heun and dpm++2m on "
+                        "every schedule at 8 to 50 evaluations, two guidance schedules and fp8)")
     p.add_argument("--samples", type=int, default=5000, help="generated images per FID (default: 5000)")
     p.add_argument("--references", type=int, default=10000, help="reference images (default: 10000)")
     p.add_argument("--grid", help="write a grid of the same seeds at each NFE to this PNG")

@@ -118,14 +118,11 @@ def gather_batches(out: torch.Tensor, batch_size: int, world: int) -> torch.Tens
     """Every rank's batches (written into its own copy of `out`) in all ranks' copies."""
     mine = rank_batches(len(out), batch_size, accel.rank(), world)
     most = len(rank_batches(len(out), batch_size, 0, world)) * batch_size  # rank 0 holds the most
-    dev = accel.comm_device()
     local = torch.zeros((most, *out.shape[1:]), dtype=torch.uint8)
     if mine:
         flat = torch.cat([out[b.start:b.stop] for b in mine])
         local[:len(flat)] = flat
-    parts = [torch.empty_like(local, device=dev) for _ in range(world)]
-    torch.distributed.all_gather(parts, local.to(dev))
-    for r, part in enumerate(parts):
+    for r, part in enumerate(accel.all_gather(local)):
         part, at = part.cpu(), 0
         for b in rank_batches(len(out), batch_size, r, world):
             out[b.start:b.stop] = part[at:at + len(b)]
