@@ -15,7 +15,6 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import scipy.linalg
 import torch
 
 from genfoundry.config import EvalConfig
@@ -182,27 +181,24 @@ class InceptionFeatures:
         return out
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6, features1=None) -> float:
+def frechet_distance(mu1, sigma1, mu2, sigma2, features1=None) -> float:
     """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)).
 
-    Given `features1`, the n rows S1 was computed from, and n <= d, Tr (S1 S2)^(1/2) is taken exactly
-    from the n x n matrix G S2 G^T, G = (features1 - mu1) / sqrt(n - 1): its eigenvalues are the non-zero
-    ones of S1 S2 = G^T G S2. That takes a second where sqrtm of the singular d x d product takes tens.
+    Tr (S1 S2)^(1/2) is the sum of the square roots of the eigenvalues of R S2 R, R = S1^(1/2): the
+    same eigenvalues as S1 S2, of a symmetric matrix, so two symmetric eigen-decompositions replace
+    the general matrix square root (half the time at 2048 dimensions, no complex round-off).
+    Given `features1`, the n rows S1 was computed from, and n <= d, they are taken from the n x n
+    matrix G S2 G^T instead, G = (features1 - mu1) / sqrt(n - 1): its eigenvalues are the non-zero
+    ones of S1 S2 = G^T G S2, in a second at any d.
     """
     diff = mu1 - mu2
     if features1 is not None and len(features1) <= len(mu1):
         g = (np.asarray(features1, np.float64) - mu1) / np.sqrt(len(features1) - 1)
         small = g @ sigma2 @ g.T
-        eigenvalues = np.linalg.eigvalsh((small + small.T) / 2)
-        trace_covmean = float(np.sqrt(np.clip(eigenvalues, 0, None)).sum())
-        return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_covmean)
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
-        # Near-singular product (fewer samples than dimensions): regularise both, as is customary.
-        offset = np.eye(len(mu1)) * eps
-        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"matrix square root has a large imaginary part ({np.abs(covmean.imag).max():.3g})")
-        covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    else:
+        w, v = np.linalg.eigh((sigma1 + sigma1.T) / 2)
+        root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+        small = root @ sigma2 @ root
+    eigenvalues = np.linalg.eigvalsh((small + small.T) / 2)
+    trace_covmean = float(np.sqrt(np.clip(eigenvalues, 0, None)).sum())
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_covmean)

@@ -87,6 +87,13 @@ def _nccl_rank(rank, world_size, root, out):
             "tensorboard": len(list((root / name).glob("events.out.tfevents.*"))),
         }
     result["remote"] = sorted(p.name for p in (root / "remote-fsdp-full-remote").iterdir())
+    from genfoundry.report.assets import AssetError, uplot
+
+    try:  # without its chart library (setup.sh installs it) the trainer warns and writes no page
+        uplot()
+        result["has_uplot"] = True
+    except AssetError:
+        result["has_uplot"] = False
     try:
         import tensorboard  # noqa: F401
         result["has_tensorboard"] = True
@@ -110,7 +117,8 @@ def test_the_trainer_runs_and_resumes_in_a_one_rank_nccl_group(tmp_path):
         # in a process group, spread metrics carry the ranks' extremes; memory is the CUDA allocator's
         assert last["data/wait_fraction.min"] <= last["data/wait_fraction"] <= last["data/wait_fraction.max"]
         assert 0 < last["memory_allocated_gb"] <= last["peak_memory_gb"] < 100, (name, last)
-        assert got["report"] and got["tensorboard"] == (1 if result["has_tensorboard"] else 0), name
+        assert got["report"] == result["has_uplot"], name
+        assert got["tensorboard"] == (1 if result["has_tensorboard"] else 0), name
     assert result["fsdp-bf16"]["checkpoints"] == ["full-000000002", "full-000000004"]
     snapshots = ["snapshot-000000002", "snapshot-000000003", "snapshot-000000004"]
     assert result["fsdp-full-remote"]["checkpoints"] == ["full-000000002", "full-000000004", *snapshots]

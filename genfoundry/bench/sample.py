@@ -330,7 +330,7 @@ def run(presets=("DiT-B/2", "DiT-XL/2"), batch: int = 256, nfes=DEFAULT_NFE, cfg
         repeats: int = 10, baseline: bool = True, compile_alone: bool = True, precisions=("auto",),
         baseline_compiled: bool = False, quality_run: str | None = None,
         do_quality: bool = False, train_s: float = 150.0, configs=DEFAULT_CONFIGS, samples: int = 5000,
-        references: int = 10000, grid_path: str | None = None, grid_solver: str = "dpm++2m/logsnr",
+        references: int = 10000, grid_path: str | None = None, grid_solver: str = "dpm++2m/uniform",
         device: str = "auto", out: str | None = None, print_fn=print) -> dict:
     dev = accel.get_device(device)
     for text in configs if do_quality else ():
@@ -351,6 +351,18 @@ def run(presets=("DiT-B/2", "DiT-XL/2"), batch: int = 256, nfes=DEFAULT_NFE, cfg
         result["quality"] = {}
         quality(quality_run, train_s, configs, dev, samples, references, grid_path, grid_solver, print_fn,
                 result["quality"], save)
+    elif grid_path:  # the grid alone, of an existing run
+        from genfoundry.sampling.fast import SamplingNetwork
+
+        if quality_run is None:
+            raise ConfigError("--grid without --quality draws an existing run's samples: give --run")
+        model, meta, sc = reference_model(quality_run, train_s, dev, "", print_fn)
+        settings = dict(cfg_scale=sc.cfg_scale, guidance_interval=(sc.guidance_min_t, sc.guidance_max_t),
+                        seed=sc.seed, batch_size=sc.batch_size, progress=False)
+        draw_grid(SamplingNetwork(model, dev, sc.precision, sc.compile), len(meta["class_names"]), grid_solver,
+                  settings, grid_path)
+        result["grid"] = {"path": str(grid_path), "run": quality_run, "solver": grid_solver, "nfe": list(GRID_NFE)}
+        print_fn(f"grid: {grid_path}")
     save()
     return result
 
@@ -383,8 +395,9 @@ def main(argv: list[str] | None = None) -> dict:
                         "every schedule at 8 to 50 evaluations, two guidance schedules and fp8)")
     p.add_argument("--samples", type=int, default=5000, help="generated images per FID (default: 5000)")
     p.add_argument("--references", type=int, default=10000, help="reference images (default: 10000)")
-    p.add_argument("--grid", help="write a grid of the same seeds at each NFE to this PNG")
-    p.add_argument("--grid-solver", default="dpm++2m/logsnr", help="solver/schedule of the grid (default: dpm++2m/logsnr)")
+    p.add_argument("--grid", help="write a grid of the same seeds at each NFE to this PNG (of the reference model "
+                                  "with --quality, else of --run)")
+    p.add_argument("--grid-solver", default="dpm++2m/uniform", help="solver/schedule of the grid (default: dpm++2m/uniform)")
     p.add_argument("--device", default="auto", help="device (default: auto)")
     p.add_argument("--out", default="benchmarks/results/sample.json", help="JSON results")
     args = p.parse_args(argv)
