@@ -286,7 +286,7 @@ def evaluate(run_dir: str | Path, num_samples: int | None = None, reference: str
                            resize=resize)
             result.update(reference_s=reference_s, sampling_s=sampling_s, scoring_s=time.perf_counter() - t0,
                           sampler=sc.sampler, sampler_steps=sc.steps, cfg_scale=sc.cfg_scale, schedule=sc.schedule,
-                          shift=sc.shift, guidance_schedule=sc.guidance_schedule,
+                          shift=sc.shift, guidance_schedule=sc.guidance_schedule, precision=sc.precision,
                           guidance_interval=[sc.guidance_min_t, sc.guidance_max_t], ranks=accel.world_size(),
                           run=str(run_dir), step=meta["step"], weights=meta["weights"])
             name = f"fid-{num_samples}.json" if snapshot is None else f"fid-{num_samples}-step{meta['step']:09d}.json"

@@ -76,13 +76,14 @@ def rank_batches(num_images: int, batch_size: int, rank: int | None = None, worl
 
 def generate(model, labels: torch.Tensor, indices, seed: int = 0, steps: int = 16, sampler: str = "heun",
              cfg_scale: float = 1.0, batch_size: int = 256, device=None, precision: str = "auto",
-             progress: bool = True, guidance_interval=(0.0, 1.0), schedule: str = "uniform", shift: float = 1.0,
+             progress: bool = True, guidance_interval=(0.0, 1.0), schedule: str = "uniform", shift: float = 0.0,
              guidance_schedule: str = "constant", compile: str = "none", shared: bool = False) -> torch.Tensor:
     """uint8 NHWC images for the given labels; image k uses noise (seed, indices[k]).
 
     `precision` and `compile` choose the network's fast path (genfoundry.sampling.fast); `model` may
-    also be a SamplingNetwork made once, whose own choices then stand. The ODE state stays in float32. `shift` 0 takes the resolution's. With `shared`, under a process group of several
-    ranks, each rank makes its batches and the images are gathered: every rank returns all of them.
+    also be a SamplingNetwork made once, whose own choices then stand. The ODE state stays in float32.
+    `shift` (of the shift schedule) 0 takes the resolution's. With `shared`, in a process group, each
+    rank makes its batches and the images are gathered: every rank returns all of them.
     `progress`: a bar over this rank's images (rank 0, on a terminal)."""
     prepared = isinstance(model, SamplingNetwork)  # one made once for many calls keeps its compiled graphs
     arch = model.arch
