@@ -206,14 +206,15 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum", group=None) -> torch.Tenso
     return work
 
 
-def all_gather(tensor: torch.Tensor, group=None) -> list[torch.Tensor]:
-    """Every rank's `tensor` (the same shape on all), in rank order, on the communication device; a
-    rank alone gets its own."""
+def gather(tensor: torch.Tensor, dst: int = 0, group=None) -> list[torch.Tensor] | None:
+    """On rank `dst`, every rank's `tensor` (the same shape on all) in rank order, on the communication
+    device; None on the other ranks. A rank alone gets its own."""
     if not distributed():
         return [tensor]
     work = tensor.to(comm_device(group))
-    parts = [torch.empty_like(work) for _ in range(torch.distributed.get_world_size(group))]
-    torch.distributed.all_gather(parts, work, group=group)
+    parts = [torch.empty_like(work) for _ in range(torch.distributed.get_world_size(group))] \
+        if torch.distributed.get_rank(group) == dst else None
+    torch.distributed.gather(work, parts, dst=dst, group=group)
     return parts
 
 

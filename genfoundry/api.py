@@ -168,6 +168,17 @@ def sampling_config(sc: config_lib.SampleConfig, **given) -> config_lib.SampleCo
     return dataclasses.replace(sc, **{k: v for k, v in given.items() if v is not None})
 
 
+def _portable(error: Exception) -> Exception:
+    """`error` as another rank can receive it: itself where it pickles, else a RuntimeError saying it."""
+    import pickle
+
+    try:
+        pickle.dumps(error)
+        return error
+    except Exception:
+        return RuntimeError(f"rank 0 failed: {type(error).__name__}: {error}")
+
+
 @contextlib.contextmanager
 def joined(device: str):
     """Under torchrun (WORLD_SIZE > 1), this command's ranks in one process group, left at the end (one
@@ -267,40 +278,49 @@ def evaluate(run_dir: str | Path, num_samples: int | None = None, reference: str
         model, meta = load_trained(run_dir, weights, str(dev), print_fn if main else lambda *a: None, snapshot)
         out = writable_directory(Path(run_dir) / "eval", RunError)
         t0 = time.perf_counter()
-        ref = None
-        if main:
-            ref = reference_stats(reference or ec.reference or cfg.data.source, split or ec.split,
-                                  meta["arch"]["image_size"], meta["arch"]["in_channels"], resize, str(dev),
-                                  max_images=ec.max_reference_images if max_reference_images is None
-                                  else max_reference_images)
+        # Every rank finds (or builds) the statistics: no rank waits in a collective while rank 0 reads a
+        # large reference alone, and a reference that cannot serve is the same error on every rank.
+        ref = reference_stats(reference or ec.reference or cfg.data.source, split or ec.split,
+                              meta["arch"]["image_size"], meta["arch"]["in_channels"], resize, str(dev),
+                              max_images=ec.max_reference_images if max_reference_images is None
+                              else max_reference_images, progress=main)
         reference_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         settings = sc.solver_settings()
         images = generate(model, balanced_labels(num_samples, len(meta["class_names"])), range(num_samples),
                           shared=True, progress=main, **settings)
         sampling_s = time.perf_counter() - t0
-        result = None
+        result = failure = None
         if main:
-            t0 = time.perf_counter()
-            result = score(images.numpy(), device=str(dev), kid_subset_size=ec.kid_subset_size, reference_stats_=ref,
-                           resize=resize)
-            result.update(reference_s=reference_s, sampling_s=sampling_s, scoring_s=time.perf_counter() - t0,
-                          sampler=sc.sampler, sampler_steps=sc.steps, cfg_scale=sc.cfg_scale, schedule=sc.schedule,
-                          shift=sc.shift, guidance_schedule=sc.guidance_schedule, precision=sc.precision,
-                          guidance_interval=[sc.guidance_min_t, sc.guidance_max_t], ranks=accel.world_size(),
-                          run=str(run_dir), step=meta["step"], weights=meta["weights"])
-            name = f"fid-{num_samples}.json" if snapshot is None else f"fid-{num_samples}-step{meta['step']:09d}.json"
-            write_atomic(out / name, json.dumps(result, indent=2).encode())
-            record_fid(Path(run_dir), cfg, result)
-            identity = result["reference_identity"]
-            print_fn(f"FID {result['fid']:.3f}  ({result['num_generated']} generated vs {result['num_reference']} "
-                     f"reference images of {result['reference']}; {identity['resolution']}x"
-                     f"{identity['resolution']}x{identity['channels']}, resize {resize}, network "
-                     f"{identity['network_sha256']})")
+            try:
+                t0 = time.perf_counter()
+                result = score(images.numpy(), device=str(dev), kid_subset_size=ec.kid_subset_size,
+                               reference_stats_=ref, resize=resize)
+                result.update(reference_s=reference_s, sampling_s=sampling_s, scoring_s=time.perf_counter() - t0,
+                              sampler=sc.sampler, sampler_steps=sc.steps, cfg_scale=sc.cfg_scale, schedule=sc.schedule,
+                              shift=sc.shift, guidance_schedule=sc.guidance_schedule, precision=sc.precision,
+                              guidance_interval=[sc.guidance_min_t, sc.guidance_max_t], ranks=accel.world_size(),
+                              run=str(run_dir), step=meta["step"], weights=meta["weights"])
+                name = (f"fid-{num_samples}.json" if snapshot is None
+                        else f"fid-{num_samples}-step{meta['step']:09d}.json")
+                write_atomic(out / name, json.dumps(result, indent=2).encode())
+                record_fid(Path(run_dir), cfg, result)
+                identity = result["reference_identity"]
+                print_fn(f"FID {result['fid']:.3f}  ({result['num_generated']} generated vs "
+                         f"{result['num_reference']} reference images of {result['reference']}; "
+                         f"{identity['resolution']}x"
+                         f"{identity['resolution']}x{identity['channels']}, resize {resize}, network "
+                         f"{identity['network_sha256']})")
+            except Exception as e:  # the other ranks wait in the broadcast below: they raise it too
+                failure = e
         if accel.distributed():
-            box = [result]
+            box = [result if failure is None else _portable(failure)]
             torch.distributed.broadcast_object_list(box, src=0)
             result = box[0]
+        if failure is not None:
+            raise failure
+        if isinstance(result, Exception):  # rank 0's error, on the other ranks
+            raise result
     return result
 
 

@@ -77,3 +77,12 @@ def test_eval_on_two_ranks_gives_the_fid_of_one(trained):
     shared = json.loads((run / "eval" / "fid-11.json").read_text())
     assert shared["ranks"] == 2 and alone["ranks"] == 1
     assert shared["fid"] == pytest.approx(alone["fid"], rel=1e-9, abs=1e-9)
+
+
+def test_a_reference_that_cannot_serve_is_one_clear_error_on_every_rank(trained, tmp_path):
+    run, env = trained / "runs" / "r", {"GENFOUNDRY_CACHE": str(trained / "cache")}
+    two = torchrun(2, "eval", run, "--reference", tmp_path / "nowhere", "--device", "cpu", env=env)
+    assert two.returncode != 0
+    assert two.stderr.count("genfoundry eval: error:") == 2, two.stderr  # each rank says it, in one line
+    # torchrun itself reports a failed child with its own traceback; none runs through genfoundry's code
+    assert "genfoundry/api.py" not in two.stderr and "lost contact" not in two.stderr

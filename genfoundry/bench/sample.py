@@ -369,13 +369,15 @@ def run(presets=("DiT-B/2", "DiT-XL/2"), batch: int = 256, nfes=DEFAULT_NFE, cfg
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="genfoundry bench sample", description=__doc__.splitlines()[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", action="append", help="network for the speed part, repeatable (default: DiT-B/2 and "
                                                      "DiT-XL/2); --no-speed skips it")
     p.add_argument("--no-speed", action="store_true", help="skip the speed part")
     p.add_argument("--batch-size", type=int, default=256, help="images per batch, guided (default: 256)")
     p.add_argument("--nfe", default=",".join(map(str, DEFAULT_NFE)),
-                   help="solver steps for the images/s of generate() and the baseline, comma-separated (default: 10,25)")
+                   help="solver steps for the images/s of generate() and the baseline, comma-separated "
+                        "(default: 10,25)")
     p.add_argument("--cfg-scale", type=float, default=1.5, help="guidance weight of the speed part (default: 1.5)")
     p.add_argument("--repeats", type=int, default=10, help="timed network calls per forward-pass rate (default: 10)")
     p.add_argument("--no-baseline", action="store_true", help="skip the diffusers pipeline")
@@ -397,7 +399,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--references", type=int, default=10000, help="reference images (default: 10000)")
     p.add_argument("--grid", help="write a grid of the same seeds at each NFE to this PNG (of the reference model "
                                   "with --quality, else of --run)")
-    p.add_argument("--grid-solver", default="dpm++2m/uniform", help="solver/schedule of the grid (default: dpm++2m/uniform)")
+    p.add_argument("--grid-solver", default="dpm++2m/uniform",
+                   help="solver/schedule of the grid (default: dpm++2m/uniform)")
     p.add_argument("--device", default="auto", help="device (default: auto)")
     p.add_argument("--out", default="benchmarks/results/sample.json", help="JSON results")
     args = p.parse_args(argv)
@@ -410,5 +413,6 @@ def main(argv: list[str] | None = None) -> dict:
     presets = [] if args.no_speed else (args.preset or ["DiT-B/2", "DiT-XL/2"])
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     return run(presets, args.batch_size, nfes, args.cfg_scale, args.repeats, not args.no_baseline,
-               not args.no_compile_alone, args.precision or ["auto"], args.baseline_compiled, args.run, args.quality, args.train_s, configs, args.samples, args.references,
-               args.grid, args.grid_solver, args.device, args.out)
+               not args.no_compile_alone, args.precision or ["auto"], args.baseline_compiled, args.run, args.quality,
+               args.train_s, configs, args.samples, args.references, args.grid, args.grid_solver, args.device,
+               args.out)

@@ -55,7 +55,10 @@ def keyed_normal(keys, shape: tuple[int, ...], device, dtype=torch.float32, salt
     count = math.prod(shape)
     seeds = _seeds(keys, device)
     counters = torch.arange(count, dtype=torch.int64, device=device)
-    u1 = _unit(_bits(seeds, counters, 2 * salt + 1000))
-    u2 = _unit(_bits(seeds, counters, 2 * salt + 1001))  # salts 1000+ are kept for normals
+    # Box-Muller in float64, rounded once: float32 log and cos take vectorised or scalar paths by the
+    # tensor's size and alignment, and those differ in the last bit, so a value would depend on how
+    # many others were drawn beside it; float64's last-bit differences vanish in the rounding.
+    u1 = _unit(_bits(seeds, counters, 2 * salt + 1000), torch.float64)
+    u2 = _unit(_bits(seeds, counters, 2 * salt + 1001), torch.float64)  # salts 1000+ are kept for normals
     z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(_TWO_PI * u2)
     return z.view(len(seeds), *shape).to(dtype)

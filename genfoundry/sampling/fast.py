@@ -102,7 +102,8 @@ class SamplingNetwork:
             raise ConfigError(f"sample.precision fp8 needs float8 matrix products (a CUDA GPU of compute capability "
                               f"8.9 or later); {accel.device_name(self.device)} has none: use bf16")
         first = next(model.parameters())
-        if first.dtype == self.dtype and first.device == self.device and self.mode == "none" and self.precision != "fp8":
+        unchanged = first.dtype == self.dtype and first.device == self.device and self.precision != "fp8"
+        if unchanged and self.mode == "none":
             net = model  # nothing to change: use it as it is, without a copy
         else:
             net = copy.deepcopy(model).to(self.device, self.dtype)

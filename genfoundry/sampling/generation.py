@@ -3,7 +3,7 @@
 Image k's starting noise is a pure function of (seed, k), drawn for a whole batch at once on the device
 (genfoundry.diffusion.noise). The images are cut into global batches of `batch_size` consecutive
 indices, and batch j runs on rank j mod world size: every batch holds the same images in the same
-order whatever the number of ranks, so the images do not depend on it.
+order whatever the number of ranks, so the images do not depend on it. Rank 0 gathers them.
 """
 
 from __future__ import annotations
@@ -83,7 +83,8 @@ def generate(model, labels: torch.Tensor, indices, seed: int = 0, steps: int = 1
     `precision` and `compile` choose the network's fast path (genfoundry.sampling.fast); `model` may
     also be a SamplingNetwork made once, whose own choices then stand. The ODE state stays in float32.
     `shift` (of the shift schedule) 0 takes the resolution's. With `shared`, in a process group, each
-    rank makes its batches and the images are gathered: every rank returns all of them.
+    rank makes its batches (rank_batches) and rank 0 gathers them: rank 0 returns every image, the
+    other ranks theirs, in place, with the rest left zero.
     `progress`: a bar over this rank's images (rank 0, on a terminal)."""
     prepared = isinstance(model, SamplingNetwork)  # one made once for many calls keeps its compiled graphs
     arch = model.arch
@@ -116,18 +117,20 @@ def generate(model, labels: torch.Tensor, indices, seed: int = 0, steps: int = 1
 
 
 def gather_batches(out: torch.Tensor, batch_size: int, world: int) -> torch.Tensor:
-    """Every rank's batches (written into its own copy of `out`) in all ranks' copies."""
-    mine = rank_batches(len(out), batch_size, accel.rank(), world)
-    most = len(rank_batches(len(out), batch_size, 0, world)) * batch_size  # rank 0 holds the most
-    local = torch.zeros((most, *out.shape[1:]), dtype=torch.uint8)
-    if mine:
-        flat = torch.cat([out[b.start:b.stop] for b in mine])
-        local[:len(flat)] = flat
-    for r, part in enumerate(accel.all_gather(local)):
-        part, at = part.cpu(), 0
-        for b in rank_batches(len(out), batch_size, r, world):
-            out[b.start:b.stop] = part[at:at + len(b)]
-            at += len(b)
+    """Every rank's batches (written into its own copy of `out`) into rank 0's copy, one round of one
+    batch per rank at a time, so no rank holds more than a round beyond its own images."""
+    rank = accel.rank()
+    shares = [rank_batches(len(out), batch_size, r, world) for r in range(world)]
+    for j in range(len(shares[0])):  # rank 0 has the most batches
+        mine = shares[rank][j] if j < len(shares[rank]) else range(0)
+        local = torch.zeros((batch_size, *out.shape[1:]), dtype=torch.uint8)
+        local[:len(mine)] = out[mine.start:mine.stop]
+        parts = accel.gather(local)
+        if parts is not None:
+            for r, part in enumerate(parts):
+                if j < len(shares[r]):
+                    b = shares[r][j]
+                    out[b.start:b.stop] = part[:len(b)].cpu()
     return out
 
 
