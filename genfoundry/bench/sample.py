@@ -296,7 +296,7 @@ def draw_grid(net, num_classes: int, solver_schedule: str, settings: dict, path)
     import numpy as np
     from PIL import Image, ImageDraw
 
-    from genfoundry.sampling import generate, grid
+    from genfoundry.sampling import generate, grid, save_png
     from genfoundry.sampling.solvers import steps_for
 
     solver, schedule = solver_schedule.split("/")
@@ -319,11 +319,7 @@ def draw_grid(net, num_classes: int, solver_schedule: str, settings: dict, path)
         draw.text((6, i * row_h + row_h // 2 - 6), f"NFE {nfe}", fill="black")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    import io
-
-    buffer = io.BytesIO()
-    canvas.save(buffer, format="PNG")
-    write_atomic(path, buffer.getvalue())
+    save_png(torch.from_numpy(np.asarray(canvas)), path)
 
 
 def run(presets=("DiT-B/2", "DiT-XL/2"), batch: int = 256, nfes=DEFAULT_NFE, cfg_scale: float = 1.5,
