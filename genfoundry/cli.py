@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
+import gc
 import os
 import shutil
 import sys
@@ -417,6 +419,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from genfoundry import api  # after parsing, so that --help stays fast
 
+    ranked = "WORLD_SIZE" in os.environ
+    if ranked:  # one rank of many: a native abort prints every thread's Python stack
+        faulthandler.enable()
     try:
         if args.command in ("train", "demo"):
             overrides = config_lib.parse_overrides(rest)
@@ -540,6 +545,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"genfoundry {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    finally:
+        if ranked:  # what an error's traceback held (a trainer, its DDP reducer), freed before teardown
+            gc.collect()
 
 
 if __name__ == "__main__":

@@ -326,3 +326,28 @@ def test_every_rank_resumes_from_the_step_rank_0_chose_or_all_stop(tmp_path):
 def _topk_overrides(steps):
     return [{"parallel.comm_hook": "topk", "parallel.topk_ratio": 0.05, "train.steps": steps,
              "checkpoint.full_every": 2}] * 2
+
+
+_TRAIN_THEN_COUNT = """
+import gc, sys
+from genfoundry import cli
+from torch.nn.parallel import DistributedDataParallel
+gc.disable()  # no collection by chance: only what the code itself frees counts
+code = cli.main(sys.argv[1:])
+alive = sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
+print(f"rc={code} ddp_alive={alive}")
+"""
+
+
+@pytest.mark.timeout(180)
+def test_a_finished_rank_frees_its_trainer_before_the_interpreter_tears_down(tmp_path):
+    """The trainer sits in a reference cycle: left to the interpreter's teardown, its DDP reducer and
+    gloo groups would be destroyed after Python can no longer run, and a rank could abort on exit."""
+    args = ["train", "--config", "demo", f"--run.root={tmp_path}", "--run.name=free",
+            *[f"--{k}={v}" for k, v in TINY.items()]]
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", _TRAIN_THEN_COUNT, *args], env=_rank_env(r, 2, port),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=150) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert all("rc=0 ddp_alive=0" in out for out, _ in outs), outs

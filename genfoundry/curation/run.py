@@ -93,9 +93,9 @@ class Executor:
             self._pool.join()
             self._pool = None
         if self.owns_group:
-            import torch.distributed as dist
+            from genfoundry.distributed import parallel
 
-            dist.destroy_process_group()
+            parallel.destroy_process_group()
             self.owns_group = False
 
 

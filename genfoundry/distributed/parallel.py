@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime
+import gc
 import inspect
 import os
 import sys
@@ -204,7 +205,12 @@ def raise_together(error: BaseException | None, others) -> None:
 
 
 def destroy_process_group() -> None:
+    """Stops the heartbeat and ends every group. A finished trainer that is garbage but still in a
+    reference cycle (its DDP reducer, its own gloo groups) is freed first: left to the interpreter's
+    teardown, gloo's threads would release Python objects after the interpreter can no longer take
+    them back, and the process would abort instead of exiting."""
     stop_heartbeat()
+    gc.collect()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
