@@ -139,6 +139,7 @@ def load_trained(run_dir: str | Path, weights: str = "auto", device: str = "auto
         reason = getattr(e, "strerror", None) or e
         raise RunError(f"{weights_path} is not a readable safetensors file: {reason}") from None
     model.load_state_dict(state)
+    model.folded_guidance = meta.get("folded_guidance")  # a guidance-distilled student's (trainer.distill)
     return model.to(accel.get_device(device)).eval(), meta
 
 

@@ -92,6 +92,18 @@ class DiffusionConfig:
 
 
 @dataclass
+class DistillConfig:
+    teacher: str = ""            # a finished run whose guided velocity the network learns (guidance distillation:
+                                 # one pass then gives what the teacher gives in two, at the guidance of this
+                                 # run's [sample] section); the student starts from the teacher's weights. Empty: off
+    weights: str = "ema"         # the teacher's weights: ema | model
+
+    def __post_init__(self):
+        if self.weights not in ("ema", "model"):
+            raise ConfigError(f"distill.weights must be 'ema' or 'model', got '{self.weights}'")
+
+
+@dataclass
 class TrainConfig:
     global_batch_size: int = 128    # images per optimizer step, over all ranks and micro-batches
     micro_batch_size: int = 0       # images per forward/backward on one rank; 0: the largest that fits
@@ -301,6 +313,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

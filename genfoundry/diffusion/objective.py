@@ -88,10 +88,36 @@ class FlowMatching:
         eps = keyed_normal(keys, tuple(x0.shape[1:]), x0.device, x0.dtype)
         return t, eps, u[:, 1] < self.class_dropout
 
+    def target(self, xt, t, y, x0, eps, drop) -> torch.Tensor:
+        """What the network learns to predict at x_t: the flow's velocity eps - x_0."""
+        return eps - x0
+
     def loss(self, model, x0, y, t, eps, drop=None) -> torch.Tensor:
-        """Mean over the batch of w(t) ||v_theta(x_t, t, y) - (eps - x_0)||^2 (per-pixel mean)."""
+        """Mean over the batch of w(t) ||v_theta(x_t, t, y) - target||^2 (per-pixel mean)."""
         tb = t.view(-1, *([1] * (x0.ndim - 1)))
         xt = (1 - tb) * x0 + tb * eps
         pred = model(xt, t, y, drop)
-        per_sample = F.mse_loss(pred.float(), (eps - x0).float(), reduction="none").flatten(1).mean(1)
+        target = self.target(xt, t, y, x0, eps, drop)
+        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
         return (self.weight(t.float(), self.min_snr_gamma, self.sigma_data) * per_sample).mean()
+
+
+class GuidanceDistillation(FlowMatching):
+    """Guidance folded into the network (Meng et al. 2023, first stage, at one fixed weight): the
+    student learns a teacher's classifier-free guided velocity v_u + w(t) (v_c - v_u) at x_t, so that
+    one conditional pass gives what the teacher gives in two. Samples whose label is dropped learn the
+    teacher's unconditional velocity, so the student keeps one. `weights(t)` is the guidance weight at
+    each time (the sampling guidance schedule and interval); the teacher runs both halves in one call."""
+
+    def __init__(self, teacher: torch.nn.Module, weights, **flow):
+        super().__init__(**flow)
+        self.teacher, self.weights = teacher, weights
+
+    @torch.no_grad()
+    def target(self, xt, t, y, x0, eps, drop) -> torch.Tensor:
+        dropped = torch.zeros_like(y, dtype=torch.bool) if drop is None else drop
+        both = self.teacher(torch.cat([xt, xt]), torch.cat([t, t]), torch.cat([y, y]),
+                            torch.cat([dropped, torch.ones_like(dropped)]))
+        cond, uncond = both.float().chunk(2)
+        w = self.weights(t.float()).view(-1, *([1] * (xt.ndim - 1)))
+        return uncond + w * (cond - uncond)

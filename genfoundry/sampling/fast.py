@@ -95,6 +95,7 @@ class SamplingNetwork:
             raise ValueError(f"unknown sampling precision '{precision}'; choose from {', '.join(PRECISIONS)}")
         self.device = torch.device(device)
         self.arch = model.arch
+        self.folded_guidance = getattr(model, "folded_guidance", None)
         self.precision = accel.resolve_precision(precision, self.device)
         self.dtype = _DTYPES[self.precision]
         self.mode = resolve_compile(compile, self.device)

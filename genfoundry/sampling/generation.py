@@ -12,6 +12,7 @@ import torch
 
 from genfoundry import accel, seeding
 from genfoundry.diffusion.noise import keyed_normal
+from genfoundry.errors import ConfigError
 from genfoundry.progress import bar
 from genfoundry.sampling.fast import SamplingNetwork
 from genfoundry.sampling.solvers import SOLVERS, auto_shift, guidance_scale, time_grid
@@ -29,6 +30,20 @@ def image_noise(indices, shape: tuple[int, ...], seed: int, device="cpu") -> tor
 def resolve_shift(shift: float, arch) -> float:
     """`shift` 0 means the resolution's: auto_shift of the values per image."""
     return shift if shift > 0 else auto_shift(arch.in_channels * arch.image_size ** 2)
+
+
+def folded_scale(folded: dict | None, cfg_scale: float, schedule: str, interval) -> float:
+    """The weight to guide a network with: `cfg_scale`, or 1 (one conditional pass) for a network whose
+    guidance is folded in (genfoundry.trainer.distill) when the guidance asked is the one folded."""
+    if not folded:
+        return cfg_scale
+    asked = {"cfg_scale": float(cfg_scale), "guidance_schedule": schedule, "guidance_interval": list(map(float, interval))}
+    if asked != {**folded, "guidance_interval": list(map(float, folded["guidance_interval"]))}:
+        raise ConfigError(f"this network is guidance-distilled: its guidance is folded in as cfg_scale "
+                          f"{folded['cfg_scale']:g}, guidance_schedule {folded['guidance_schedule']}, interval "
+                          f"{folded['guidance_interval']}, and cannot change; sample it with those (its run's "
+                          f"[sample] settings), not cfg_scale {cfg_scale:g}, {schedule}, {list(interval)}")
+    return 1.0
 
 
 def guided_velocity(net, x, t: float, y, scale: float, null_class: int) -> torch.Tensor:
@@ -99,6 +114,7 @@ def generate(model, labels: torch.Tensor, indices, seed: int = 0, steps: int = 1
     out = torch.empty((len(indices), *shape[1:], shape[0]), dtype=torch.uint8)
     if len(indices) == 0:
         return out
+    cfg_scale = folded_scale(getattr(model, "folded_guidance", None), cfg_scale, guidance_schedule, guidance_interval)
     net = model if prepared else SamplingNetwork(model, device, precision, compile)
     shift = resolve_shift(shift, arch)
     with bar(sum(len(b) for b in batches), "sample", enabled=progress) as shown:

@@ -78,17 +78,25 @@ def time_grid(schedule: str, steps: int, shift: float = 1.0) -> list[float]:
 # ---- guidance-scale schedules: g(t), with the scale at t being 1 + (w - 1) g(t) ------------------------
 # Each g has mean 1 over t in [0, 1], so a schedule keeps the average strength of the constant scale w.
 
+def _cos(u):
+    return u.cos() if hasattr(u, "cos") else math.cos(u)  # a tensor of times, or one
+
+
 GUIDANCE_SCHEDULES: dict[str, Callable[[float], float]] = {
     "constant": lambda t: 1.0,
     "linear": lambda t: 2.0 * (1.0 - t),                   # none at noise, most at the data
-    "cosine": lambda t: 1.0 - math.cos(math.pi * (1.0 - t)),  # the same, flat at both ends
+    "cosine": lambda t: 1.0 - _cos(math.pi * (1.0 - t)),  # the same, flat at both ends
 }
 
 
-def guidance_scale(cfg_scale: float, schedule: str, t: float, interval=(0.0, 1.0)) -> float:
-    """The CFG weight at time t: 1 (no guidance) outside `interval` (Kynkaanniemi et al. 2024)."""
+def guidance_scale(cfg_scale: float, schedule: str, t, interval=(0.0, 1.0)):
+    """The CFG weight at time t: 1 (no guidance) outside `interval` (Kynkaanniemi et al. 2024). `t` may
+    also be a tensor of times (guidance distillation's targets): then a tensor of weights."""
     if schedule not in GUIDANCE_SCHEDULES:
         raise ValueError(f"unknown guidance schedule '{schedule}'; choose from {', '.join(GUIDANCE_SCHEDULES)}")
+    if hasattr(t, "shape"):
+        inside = ((t >= interval[0]) & (t <= interval[1])).to(t.dtype)
+        return 1.0 + (cfg_scale - 1.0) * GUIDANCE_SCHEDULES[schedule](t) * inside
     if cfg_scale == 1.0 or not interval[0] <= t <= interval[1]:
         return 1.0
     return 1.0 + (cfg_scale - 1.0) * GUIDANCE_SCHEDULES[schedule](t)

@@ -19,7 +19,7 @@ from genfoundry import accel, checkpoint, seeding
 from genfoundry import metrics
 from genfoundry.checkpoint.manager import CheckpointManager
 from genfoundry.config import Config
-from genfoundry.errors import GenfoundryError
+from genfoundry.errors import ConfigError, GenfoundryError
 from genfoundry.sources import SourceError
 from genfoundry.data.build import TrainingData, training_data
 from genfoundry.data.order import chunk_index
@@ -30,7 +30,7 @@ from genfoundry.distributed.state import HookState, ParallelState
 from genfoundry.models import build_model
 from genfoundry.trainer.precision import DynamicLossScaler
 from genfoundry.trainer.preemption import Preemption
-from genfoundry.trainer import schedule
+from genfoundry.trainer import distill, schedule
 from genfoundry.trainer.records import TrainerRecords
 from genfoundry.trainer.state import TrainerState
 
@@ -82,10 +82,24 @@ class Trainer(TrainerState, TrainerRecords):
             f"{n} rank(s) cannot read the training data '{cfg.data.source}' (their messages say why)"))
         model = build_model(cfg.model.preset, self.data.resolution, self.data.channels,
                             self.data.num_classes).to(self.device)
+        dc = cfg.diffusion
+        flow = dict(time_sampling=dc.time_sampling, loss_weighting=dc.loss_weighting, logit_mean=dc.logit_mean,
+                    logit_std=dc.logit_std, class_dropout=cfg.model.class_dropout, min_snr_gamma=dc.min_snr_gamma,
+                    sigma_data=dc.sigma_data)
+        self.teacher_meta = None
+        if cfg.distill.teacher:
+            teacher, error = None, None
+            try:
+                teacher, self.teacher_meta = distill.load_teacher(cfg, model, self.device)
+            except GenfoundryError as e:
+                error = e
+            parallel.raise_together(error, lambda n: ConfigError(
+                f"{n} rank(s) cannot load distill.teacher '{cfg.distill.teacher}' (their messages say why)"))
+            model.folded_guidance = distill.folded_guidance(cfg)  # what sampling the student must know
+            self.objective = distill.distillation_objective(cfg, teacher, flow)
+        else:
+            self.objective = FlowMatching(**flow)
         self.ema = copy.deepcopy(model).eval().requires_grad_(False)
-        self.objective = FlowMatching(cfg.diffusion.time_sampling, cfg.diffusion.loss_weighting,
-                                      cfg.diffusion.logit_mean, cfg.diffusion.logit_std, cfg.model.class_dropout,
-                                      cfg.diffusion.min_snr_gamma, cfg.diffusion.sigma_data)
         self.precision = accel.resolve_precision(tc.precision, self.device)  # a resume takes the checkpoint's
         self.model = parallel.parallelize(model, cfg.parallel, self.device)
         self.micro_batch = self.plan_micro_batch()
@@ -505,4 +519,12 @@ class Trainer(TrainerState, TrainerRecords):
         """What sampling needs beside weights: final/model.json and every snapshot's model.json."""
         return {"format_version": FORMAT_VERSION, "preset": self.cfg.model.preset, "arch": self.net.arch.to_dict(),
                 "class_names": self.data.class_names, "source": self.data.name, "step": self.step,
-                "images_seen": self.images_seen}
+                "images_seen": self.images_seen, **self.distill_meta()}
+
+    def distill_meta(self) -> dict:
+        """A student's: the guidance folded into it and the teacher it learnt from."""
+        if self.teacher_meta is None:
+            return {}
+        return {"folded_guidance": distill.folded_guidance(self.cfg),
+                "distilled_from": {"run": self.cfg.distill.teacher, "weights": self.teacher_meta["weights"],
+                                   "step": self.teacher_meta.get("step"), "preset": self.teacher_meta.get("preset")}}

@@ -124,3 +124,8 @@ class TrainerRecords:
                    f"{m.flops_per_forward() / 1e9:.3f} GFLOP/forward/image")
         for note in ds.notes:
             self.print(f"data: {note}")
+        if self.teacher_meta is not None:
+            sc = self.cfg.sample
+            self.print(f"distill: from {self.cfg.distill.teacher} ({self.teacher_meta['weights']} weights of step "
+                       f"{self.teacher_meta.get('step')}), folding in guidance cfg_scale {sc.cfg_scale:g} "
+                       f"({sc.guidance_schedule}, t in [{sc.guidance_min_t:g}, {sc.guidance_max_t:g}])")
