@@ -113,6 +113,7 @@ class SamplingNetwork:
         self.net = net.eval().requires_grad_(False)
         # A compiled network keeps one graph per input shape, so callers pad to a fixed batch size.
         self.fixed_shapes = self.mode != "none"
+        self.rows = 0  # images times passes evaluated so far: what a solver and its guidance cost
         if self.mode == "none":
             self.forward = self.net
         else:
@@ -120,6 +121,7 @@ class SamplingNetwork:
                                          mode="reduce-overhead" if self.mode == "graphs" else None)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.rows += x.shape[0]
         with torch.no_grad():
             if self.mode == "graphs":
                 torch.compiler.cudagraph_mark_step_begin()
