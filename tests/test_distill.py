@@ -115,3 +115,25 @@ def test_bad_teachers_are_one_clear_error(teacher_run, tmp_path):
             api.train(config.load("demo", {**base, "run.name": "bad", **overrides}), QUIET)
     with pytest.raises(ConfigError, match="distill.weights"):
         config.load("demo", {"distill.weights": "best"})
+
+
+def _student_rank(rank, world_size, overrides):
+    api.train(config.load("demo", overrides), QUIET)
+
+
+@pytest.mark.timeout(300)
+def test_a_student_on_two_ranks_learns_what_it_learns_on_one(teacher_run, tmp_path):
+    from safetensors.torch import load_file
+
+    from multiproc import run_ranks
+
+    base = {**TINY, "run.root": str(tmp_path), "train.steps": 3, "train.grad_clip": 0.0, "train.lr": 2e-4,
+            "distill.teacher": str(teacher_run / "teacher"), "distill.weights": "model", "train.global_batch_size": 8}
+    api.train(config.load("demo", {**base, "run.name": "one"}), QUIET)
+    run_ranks(_student_rank, 2, {**base, "run.name": "two"}, timeout=240)
+    for kind in ("model", "ema"):
+        one, two = (load_file(str(tmp_path / name / "final" / f"{kind}.safetensors")) for name in ("one", "two"))
+        for key in one:
+            torch.testing.assert_close(one[key], two[key], rtol=1e-4, atol=2e-5, msg=f"{kind}.{key}")
+    meta = json.loads((tmp_path / "two" / "final" / "model.json").read_text())
+    assert meta["folded_guidance"]["cfg_scale"] == 3.0
