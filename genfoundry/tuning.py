@@ -46,6 +46,7 @@ TRIALS_FILE, BEST_FILE, DATABASE = "trials.json", "best.toml", "study.db"
 FAILURES_IN_A_ROW = 3   # trials of one process that fail in a row (a user error each) before it stops
 MAX_RETRIES = 3         # times one trial is taken over after its process died, or resumed after an interrupt
 STORAGE_ATTEMPTS = 5    # tries to open a storage: two processes that create one database race to make its tables
+RECORD_WAIT_S = 30.0    # how long a process that joins a new study waits for its creator to record its settings
 # Keys that may differ between the commands that share a study (another machine's paths or threads).
 LOCAL_KEYS = ("run.name", "run.root", "run.device", "run.threads", "data.workers", "train.report_every",
               "train.tensorboard")
@@ -412,21 +413,36 @@ def _base_identity(base: Config) -> dict:
     return {k: v for k, v in flat.items() if k not in LOCAL_KEYS}
 
 
-def check_study_settings(study, metric: str, params: list[Param], base: Config) -> None:
-    """The first command of a study records its metric, search space and base config; a later command
-    (or another process) must give the same, or its trials would not compare."""
-    attrs = study.user_attrs
+def open_study(db, name: str, metric: str, params: list[Param], base: Config, sampler=None, pruner=None):
+    """Create the study `name` in the storage `db`, or join it. The process that creates it records its
+    metric, search space and base config; a process that joins (later, or racing the creator) must give
+    the same, or its trials would not compare."""
+    optuna = _optuna()
     mine = json.loads(json.dumps({"metric": metric, "space": {p.key: p.to_dict() for p in params},
                                   "base": _base_identity(base)}))  # as the storage gives them back
-    if "genfoundry_format" not in attrs:
-        study.set_user_attr("genfoundry_format", FORMAT_VERSION)
-        for key, value in mine.items():
-            study.set_user_attr(key, value)
-        return
-    name = study.study_name
-    if attrs.get("metric") != metric:
-        raise TuneError(f"study '{name}' scores trials by --metric {attrs.get('metric')}, not {metric}; use the "
-                        f"same metric, or name another --study")
+    try:
+        study = optuna.create_study(study_name=name, storage=db, direction="minimize", sampler=sampler,
+                                    pruner=pruner)
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=name, storage=db, sampler=sampler, pruner=pruner)
+        theirs = _recorded_settings(study)
+        deadline = time.monotonic() + RECORD_WAIT_S
+        while theirs is None and time.monotonic() < deadline:  # its creator is about to write them
+            time.sleep(0.05)
+            theirs = _recorded_settings(study)
+        if theirs is not None:
+            _check_same_settings(name, theirs, mine)
+            return study
+        # Still none: its creator died before it recorded them, and this process records its own.
+    # One attribute, written in one go: a joining process never reads half a record.
+    study.set_user_attr("genfoundry", {"format_version": FORMAT_VERSION, **mine})
+    return study
+
+
+def _check_same_settings(name: str, attrs: dict, mine: dict) -> None:
+    if attrs.get("metric") != mine["metric"]:
+        raise TuneError(f"study '{name}' scores trials by --metric {attrs.get('metric')}, not {mine['metric']}; use "
+                        f"the same metric, or name another --study")
     if attrs.get("space") != mine["space"]:
         theirs = attrs.get("space", {})
         before = " ".join(f"--search {k}={_spec_of(v)}" for k, v in theirs.items())
@@ -438,6 +454,15 @@ def check_study_settings(study, metric: str, params: list[Param], base: Config) 
         shown = " ".join(f"--{k}={_text(theirs[k])}" for k in changed[:6] if k in theirs)
         raise TuneError(f"study '{name}' was started with other settings of {', '.join(changed[:6])}; continue "
                         f"it with {shown}, or name another --study")
+
+
+def _recorded_settings(study) -> dict | None:
+    attrs = study.user_attrs
+    if "genfoundry" in attrs:
+        return attrs["genfoundry"]
+    if "genfoundry_format" in attrs:  # the layout of one attribute per part, as the first releases wrote it
+        return {k: attrs.get(k) for k in ("metric", "space", "base")}
+    return None
 
 
 def _spec_of(d: dict) -> str:
@@ -495,14 +520,12 @@ def tune(study: str = "tune", trials: int = 20, search=None, space: str | Path |
         db, retry = open_storage(url, heartbeat_s)
         sampler = optuna.samplers.TPESampler(seed=sampler_seed)
         try:
-            st = optuna.create_study(study_name=study, storage=db, direction="minimize", load_if_exists=True,
-                                     sampler=sampler, pruner=make_pruner(pruner, base, params,
-                                                                        prune_startup_trials, prune_warmup_steps))
+            st = open_study(db, study, metric, params, base, sampler=sampler,
+                            pruner=make_pruner(pruner, base, params, prune_startup_trials, prune_warmup_steps))
         except GenfoundryError:
             raise
         except Exception as e:  # a database that is not an Optuna one, a schema of another Optuna version
             raise TuneError(f"cannot open study '{study}' in '{shown_url(url)}': {str(e).splitlines()[0]}") from None
-        check_study_settings(st, metric, params, base)
         for values in enqueued:
             st.enqueue_trial(values, skip_if_exists=True)
         return _Search(st, study, study_dir, url, trials, params, config, overrides, Path(base.run.root), metric,

@@ -16,7 +16,7 @@ from PIL import Image
 
 from genfoundry import cli, config, metrics
 from genfoundry.config import ConfigError
-from genfoundry.tuning import TuneError, tune
+from genfoundry.tuning import TuneError, open_storage, tune
 
 from conftest import ROOT, run_cli
 
@@ -256,3 +256,40 @@ def test_fid_scores_the_finished_trial(tmp_path, images):
     with pytest.raises(TuneError, match="other settings of train.steps; continue it with --train.steps=20"):
         tune("f", 2, {"train.lr": "log:1e-4:3e-3"}, overrides={**base, "train.steps": 30}, metric="fid",
              print_fn=QUIET)
+
+
+RACE = """
+import sys
+import optuna
+from genfoundry import config
+from genfoundry.tuning import TuneError, build_space, open_storage, open_study
+
+optuna.logging.set_verbosity(optuna.logging.ERROR)
+db, _ = open_storage(sys.argv[1], 60)
+base = config.load(None, {"train.steps": int(sys.argv[2])})
+params, _ = build_space(base, {"train.lr": "log:1e-4:3e-3"})
+failed = []
+for i in range(25):
+    try:
+        open_study(db, f"s{i}", "val_loss", params, base)
+    except TuneError as e:
+        failed.append(i)
+print(" ".join(map(str, failed)))
+"""
+
+
+@pytest.mark.parametrize("steps", [(20, 20), (20, 30)], ids=["same", "other"])
+def test_first_commands_that_race_agree_on_one_record(tmp_path, steps):
+    """Two processes start the same 25 studies at once. With the same settings neither ever reads a
+    half-written record; with other settings exactly one of the two fails on each study."""
+    url = f"sqlite:///{tmp_path / 'race.db'}"
+    open_storage(url, 60)  # the tables, made once
+    procs = [subprocess.Popen([sys.executable, "-c", RACE, url, str(s)], stdout=subprocess.PIPE, text=True,
+                              stderr=subprocess.PIPE, cwd=ROOT) for s in steps]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
+    failed = [set(map(int, out.split())) for out, _ in outs]
+    if steps[0] == steps[1]:
+        assert failed == [set(), set()]
+    else:
+        assert failed[0] | failed[1] == set(range(25)) and not failed[0] & failed[1]
