@@ -54,6 +54,12 @@ SCENARIOS = {
     "ddp-synchronous": {"parallel.strategy": "ddp", "checkpoint.asynchronous": "false"},
     # the budget's clock agreed over NCCL each report; the fused optimizer skips on the device
     "ddp-budget-wsd": {"parallel.strategy": "ddp", "train.time_budget_s": 3600, "train.lr_schedule": "wsd"},
+    # guidance distillation from a run above: the teacher's two passes inside the compiled loss, and sharded
+    "distill-ddp-graphs": {"parallel.strategy": "ddp", "train.precision": "bf16", "parallel.compile": True,
+                           "parallel.compile_scope": "loss", "parallel.cuda_graphs": True,
+                           "distill.teacher": "{root}/ddp-synchronous", "distill.weights": "model"},
+    "distill-fsdp": {"parallel.strategy": "fsdp", "train.precision": "bf16", "distill.teacher": "{root}/ddp-synchronous",
+                     "distill.weights": "ema"},
 }
 
 
@@ -85,6 +91,7 @@ def _nccl_rank(rank, world_size, root, out):
             "checkpoints": sorted(p.name for p in (root / name / "checkpoints").iterdir()),
             "report": (root / name / "report.html").is_file(),
             "tensorboard": len(list((root / name).glob("events.out.tfevents.*"))),
+            "folded_guidance": json.loads((root / name / "final" / "model.json").read_text()).get("folded_guidance"),
         }
     result["remote"] = sorted(p.name for p in (root / "remote-fsdp-full-remote").iterdir())
     from genfoundry.report.assets import AssetError, uplot
@@ -119,6 +126,9 @@ def test_the_trainer_runs_and_resumes_in_a_one_rank_nccl_group(tmp_path):
         assert 0 < last["memory_allocated_gb"] <= last["peak_memory_gb"] < 100, (name, last)
         assert got["report"] == result["has_uplot"], name
         assert got["tensorboard"] == (1 if result["has_tensorboard"] else 0), name
+    for name in SCENARIOS:  # a student's model.json says its guidance is folded in, a teacher's says none
+        folded = result[name]["folded_guidance"]
+        assert (folded is not None) == name.startswith("distill") and (folded is None or folded["cfg_scale"] == 3.0)
     assert result["fsdp-bf16"]["checkpoints"] == ["full-000000002", "full-000000004"]
     snapshots = ["snapshot-000000002", "snapshot-000000003", "snapshot-000000004"]
     assert result["fsdp-full-remote"]["checkpoints"] == ["full-000000002", "full-000000004", *snapshots]

@@ -32,7 +32,7 @@ import torch
 
 from genfoundry import accel
 from genfoundry.checkpoint.storage import write_atomic
-from genfoundry.config import SAMPLE_PRECISIONS
+from genfoundry.config import SAMPLE_COMPILE, SAMPLE_PRECISIONS
 from genfoundry.errors import ConfigError
 
 LATENT = dict(image_size=32, in_channels=4, num_classes=1000)
@@ -127,7 +127,7 @@ def diffusers_pipeline(arch, device, dtype=torch.bfloat16):
 
 def speed(preset: str, device, batch: int, nfes, cfg_scale: float, repeats: int, baseline: bool,
           compile_alone: bool, precisions=("auto",), baseline_compiled: bool = False, interval=None,
-          print_fn=print) -> dict:
+          compiles=("auto",), print_fn=print) -> dict:
     from genfoundry.models import build_model
     from genfoundry.sampling import generate
     from genfoundry.sampling.fast import SamplingNetwork
@@ -144,22 +144,25 @@ def speed(preset: str, device, batch: int, nfes, cfg_scale: float, repeats: int,
     row["forward_passes_per_s"] = rates
     x, t, y = guided_inputs(model.arch, device, batch)
     labels = torch.randint(0, 1000, (batch,), generator=torch.Generator().manual_seed(1))
-    for precision in precisions:
-        net = SamplingNetwork(model, device, precision, "auto")
-        name = f"genfoundry_{net.precision}"
+    for precision, compile_mode in [(p, c) for p in precisions for c in compiles]:
+        c0 = time.perf_counter()
+        net = SamplingNetwork(model, device, precision, compile_mode)
+        label = net.precision if compile_mode == "auto" else f"{net.precision}-{net.mode}"
+        name = f"genfoundry_{label}"
         rates[name] = 2 * batch / _timed(lambda: net(x, t, y), device, repeats)
         row.setdefault("modes", {})[name] = f"{net.precision} weights, compile {net.mode}"
         generate(net, labels, range(batch), steps=2, sampler="dpm++2m", cfg_scale=cfg_scale, batch_size=batch,
                  progress=False)  # builds the graphs
         generate(net, labels, range(batch), steps=2, sampler="dpm++2m", cfg_scale=1.0, batch_size=batch,
                  progress=False)  # and the one-pass graphs
+        row.setdefault("compile_s", {})[name] = time.perf_counter() - c0  # with the timed calls above
         # guided (both halves in each call); one pass per evaluation (what a guidance-distilled network of
         # this size samples at, genfoundry.trainer.distill); guided inside the interval only
         modes = {"images_per_s": {}, "one_pass_images_per_s": {"cfg_scale": 1.0}}
         if interval:
             modes["interval_images_per_s"] = {"guidance_interval": tuple(interval)}
         for key, settings in modes.items():
-            rates_now = row.setdefault(key, {})[net.precision] = {}
+            rates_now = row.setdefault(key, {})[label] = {}
             for nfe in nfes:
                 seconds = _timed(lambda: generate(net, labels, range(batch), steps=nfe, sampler="dpm++2m",
                                                   batch_size=batch, progress=False,
@@ -399,7 +402,7 @@ def draw_grid(net, num_classes: int, solver_schedule: str, settings: dict, path)
 
 
 def run(presets=("DiT-B/2", "DiT-XL/2"), batch: int = 256, nfes=DEFAULT_NFE, cfg_scale: float = 1.5,
-        repeats: int = 10, baseline: bool = True, compile_alone: bool = True, precisions=("auto",),
+        repeats: int = 10, baseline: bool = True, compile_alone: bool = True, precisions=("auto",), compiles=("auto",),
         baseline_compiled: bool = False, quality_run: str | None = None,
         do_quality: bool = False, train_s: float = 150.0, configs=DEFAULT_CONFIGS, samples: int = 5000,
         references: int = 10000, grid_path: str | None = None, grid_solver: str = "dpm++2m/uniform",
@@ -419,7 +422,7 @@ def run(presets=("DiT-B/2", "DiT-XL/2"), batch: int = 256, nfes=DEFAULT_NFE, cfg
 
     for preset in presets:
         result["speed"].append(speed(preset, dev, batch, nfes, cfg_scale, repeats, baseline, compile_alone, precisions,
-                                     baseline_compiled, interval, print_fn))
+                                     baseline_compiled, interval, compiles, print_fn))
         save()
     if do_quality:
         result["quality"] = {}
@@ -459,6 +462,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--precision", action="append", choices=list(SAMPLE_PRECISIONS),
                    help="sampling precision of genfoundry's side, repeatable (default: auto; fp8 needs a GPU of "
                         "compute capability 8.9 or later)")
+    p.add_argument("--compile", action="append", choices=list(SAMPLE_COMPILE),
+                   help="sampling compile mode of genfoundry's side, repeatable (default: auto, CUDA graphs on a GPU; "
+                        "autotune also tunes the matrix products, minutes to compile)")
     p.add_argument("--interval", help="also time guidance on t in [LO, HI] only, as LO-HI (e.g. 0.1-0.7)")
     p.add_argument("--baseline-compiled", action="store_true",
                    help="also time the diffusers pipeline with its transformer compiled, at the first --nfe")
@@ -502,6 +508,6 @@ def main(argv: list[str] | None = None) -> dict:
     if args.distill_s < 0 or args.distill_lr <= 0:
         raise ConfigError("--distill-s must be 0 or more and --distill-lr positive")
     return run(presets, args.batch_size, nfes, args.cfg_scale, args.repeats, not args.no_baseline,
-               not args.no_compile_alone, args.precision or ["auto"], args.baseline_compiled, args.run, args.quality,
+               not args.no_compile_alone, args.precision or ["auto"], args.compile or ["auto"], args.baseline_compiled, args.run, args.quality,
                args.train_s, configs, args.samples, args.references, args.grid, args.grid_solver, args.device,
                args.out, interval=interval, distill_s=args.distill_s, distill_lr=args.distill_lr)

@@ -77,7 +77,8 @@ def float8_supported(device: torch.device) -> bool:
 
 def resolve_compile(mode: str, device: torch.device) -> str:
     """'auto': compiled with CUDA graphs on a CUDA GPU, compiled on other accelerators, eager on a CPU
-    (where compiling costs more than the few images a CPU makes would win back)."""
+    (where compiling costs more than the few images a CPU makes would win back). 'autotune' is 'graphs' with
+    Inductor's matrix-product kernels tried against the vendor library's at each shape (minutes to compile)."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"unknown sampling compile mode '{mode}'; choose from {', '.join(COMPILE_MODES)}")
     if mode == "graphs" and device.type != "cuda":
@@ -99,6 +100,7 @@ class SamplingNetwork:
         self.precision = accel.resolve_precision(precision, self.device)
         self.dtype = _DTYPES[self.precision]
         self.mode = resolve_compile(compile, self.device)
+        self.graphs = self.mode in ("graphs", "autotune") and self.device.type == "cuda"
         if self.precision == "fp8" and not float8_supported(self.device):
             raise ConfigError(f"sample.precision fp8 needs float8 matrix products (a CUDA GPU of compute capability "
                               f"8.9 or later); {accel.device_name(self.device)} has none: use bf16")
@@ -117,14 +119,15 @@ class SamplingNetwork:
         if self.mode == "none":
             self.forward = self.net
         else:
-            self.forward = torch.compile(self.net, dynamic=False,
-                                         mode="reduce-overhead" if self.mode == "graphs" else None)
+            modes = {"compile": None, "graphs": "reduce-overhead",
+                     "autotune": "max-autotune" if self.graphs else "max-autotune-no-cudagraphs"}
+            self.forward = torch.compile(self.net, dynamic=False, mode=modes[self.mode])
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.rows += x.shape[0]
         with torch.no_grad():
-            if self.mode == "graphs":
+            if self.graphs:
                 torch.compiler.cudagraph_mark_step_begin()
             out = self.forward(x.to(self.dtype), t, y)
             # a CUDA graph's output is overwritten by its next replay: the caller gets its own copy
-            return out.to(torch.float32, copy=self.mode == "graphs")
+            return out.to(torch.float32, copy=self.graphs)
