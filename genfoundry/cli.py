@@ -98,7 +98,7 @@ def _solver_args(p: argparse.ArgumentParser) -> None:
                         "products in the transformer blocks (GPUs of compute capability 8.9 and later)")
     g.add_argument("--compile", choices=list(config_lib.SAMPLE_COMPILE),
                    help="auto: CUDA graphs of the compiled network on CUDA, compiled on other accelerators, "
-                        "eager on a CPU; autotune: graphs with the matrix products tuned (minutes to compile)")
+                        "eager on a CPU")
     g.add_argument("--batch-size", type=int, help="images per network call; does not change the images")
 
 

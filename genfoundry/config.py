@@ -23,7 +23,7 @@ from genfoundry.sampling.solvers import GUIDANCE_SCHEDULES, SCHEDULES, SOLVERS
 FORMAT_VERSION = 1
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SAMPLE_PRECISIONS = PRECISIONS + ("fp8",)  # fp8: float8 matrix products in the blocks (genfoundry.sampling.fast)
-SAMPLE_COMPILE = ("auto", "none", "compile", "graphs", "autotune")  # autotune: graphs, matrix products tuned
+SAMPLE_COMPILE = ("auto", "none", "compile", "graphs")
 
 
 @dataclass

@@ -463,8 +463,7 @@ def main(argv: list[str] | None = None) -> dict:
                    help="sampling precision of genfoundry's side, repeatable (default: auto; fp8 needs a GPU of "
                         "compute capability 8.9 or later)")
     p.add_argument("--compile", action="append", choices=list(SAMPLE_COMPILE),
-                   help="sampling compile mode of genfoundry's side, repeatable (default: auto, CUDA graphs on a GPU; "
-                        "autotune also tunes the matrix products, minutes to compile)")
+                   help="sampling compile mode of genfoundry's side, repeatable (default: auto, CUDA graphs on a GPU)")
     p.add_argument("--interval", help="also time guidance on t in [LO, HI] only, as LO-HI (e.g. 0.1-0.7)")
     p.add_argument("--baseline-compiled", action="store_true",
                    help="also time the diffusers pipeline with its transformer compiled, at the first --nfe")

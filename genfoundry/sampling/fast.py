@@ -77,8 +77,7 @@ def float8_supported(device: torch.device) -> bool:
 
 def resolve_compile(mode: str, device: torch.device) -> str:
     """'auto': compiled with CUDA graphs on a CUDA GPU, compiled on other accelerators, eager on a CPU
-    (where compiling costs more than the few images a CPU makes would win back). 'autotune' is 'graphs' with
-    Inductor's matrix-product kernels tried against the vendor library's at each shape (minutes to compile)."""
+    (where compiling costs more than the few images a CPU makes would win back)."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"unknown sampling compile mode '{mode}'; choose from {', '.join(COMPILE_MODES)}")
     if mode == "graphs" and device.type != "cuda":
@@ -100,7 +99,7 @@ class SamplingNetwork:
         self.precision = accel.resolve_precision(precision, self.device)
         self.dtype = _DTYPES[self.precision]
         self.mode = resolve_compile(compile, self.device)
-        self.graphs = self.mode in ("graphs", "autotune") and self.device.type == "cuda"
+        self.graphs = self.mode == "graphs"  # resolve_compile gives it on CUDA only
         if self.precision == "fp8" and not float8_supported(self.device):
             raise ConfigError(f"sample.precision fp8 needs float8 matrix products (a CUDA GPU of compute capability "
                               f"8.9 or later); {accel.device_name(self.device)} has none: use bf16")
@@ -119,9 +118,7 @@ class SamplingNetwork:
         if self.mode == "none":
             self.forward = self.net
         else:
-            modes = {"compile": None, "graphs": "reduce-overhead",
-                     "autotune": "max-autotune" if self.graphs else "max-autotune-no-cudagraphs"}
-            self.forward = torch.compile(self.net, dynamic=False, mode=modes[self.mode])
+            self.forward = torch.compile(self.net, dynamic=False, mode="reduce-overhead" if self.graphs else None)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.rows += x.shape[0]
