@@ -58,8 +58,8 @@ SCENARIOS = {
     "distill-ddp-graphs": {"parallel.strategy": "ddp", "train.precision": "bf16", "parallel.compile": True,
                            "parallel.compile_scope": "loss", "parallel.cuda_graphs": True,
                            "distill.teacher": "{root}/ddp-synchronous", "distill.weights": "model"},
-    "distill-fsdp": {"parallel.strategy": "fsdp", "train.precision": "bf16", "distill.teacher": "{root}/ddp-synchronous",
-                     "distill.weights": "ema"},
+    "distill-fsdp": {"parallel.strategy": "fsdp", "train.precision": "bf16",
+                     "distill.teacher": "{root}/ddp-synchronous", "distill.weights": "ema"},
 }
 
 
