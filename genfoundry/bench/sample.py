@@ -508,5 +508,6 @@ def main(argv: list[str] | None = None) -> dict:
         raise ConfigError("--distill-s must be 0 or more and --distill-lr positive")
     return run(presets, args.batch_size, nfes, args.cfg_scale, args.repeats, not args.no_baseline,
                not args.no_compile_alone, args.precision or ["auto"], args.compile or ["auto"], args.baseline_compiled,
-               args.run, args.quality, args.train_s, configs, args.samples, args.references, args.grid, args.grid_solver, args.device,
-               args.out, interval=interval, distill_s=args.distill_s, distill_lr=args.distill_lr)
+               args.run, args.quality, args.train_s, configs, args.samples, args.references, args.grid,
+               args.grid_solver, args.device, args.out, interval=interval, distill_s=args.distill_s,
+               distill_lr=args.distill_lr)
