@@ -272,7 +272,7 @@ failed = []
 for i in range(25):
     try:
         open_study(db, f"s{i}", "val_loss", params, base)
-    except TuneError as e:
+    except TuneError:
         failed.append(i)
 print(" ".join(map(str, failed)))
 """

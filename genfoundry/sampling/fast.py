@@ -99,7 +99,6 @@ class SamplingNetwork:
         self.precision = accel.resolve_precision(precision, self.device)
         self.dtype = _DTYPES[self.precision]
         self.mode = resolve_compile(compile, self.device)
-        self.graphs = self.mode == "graphs"  # resolve_compile gives it on CUDA only
         if self.precision == "fp8" and not float8_supported(self.device):
             raise ConfigError(f"sample.precision fp8 needs float8 matrix products (a CUDA GPU of compute capability "
                               f"8.9 or later); {accel.device_name(self.device)} has none: use bf16")
@@ -118,13 +117,14 @@ class SamplingNetwork:
         if self.mode == "none":
             self.forward = self.net
         else:
-            self.forward = torch.compile(self.net, dynamic=False, mode="reduce-overhead" if self.graphs else None)
+            self.forward = torch.compile(self.net, dynamic=False,
+                                         mode="reduce-overhead" if self.mode == "graphs" else None)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.rows += x.shape[0]
         with torch.no_grad():
-            if self.graphs:
+            if self.mode == "graphs":
                 torch.compiler.cudagraph_mark_step_begin()
             out = self.forward(x.to(self.dtype), t, y)
             # a CUDA graph's output is overwritten by its next replay: the caller gets its own copy
-            return out.to(torch.float32, copy=self.graphs)
+            return out.to(torch.float32, copy=self.mode == "graphs")
